@@ -1,0 +1,163 @@
+"""The embedded broker: amqtt, run in a background thread so synchronous code can own it.
+
+Used by ``fedmq broker``, the demo and the tests.  amqtt speaks MQTT 3.1.1 only and keeps
+retained messages and sessions in memory (a restart forgets them), which is why everything in
+fedmq works on 3.1.1 and republishes its retained state after reconnecting.  For production use
+Mosquitto with the repository's ``mosquitto.conf``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+log = logging.getLogger("fedmq.broker.embedded")
+
+
+class PasswordAuthPlugin(BaseAuthPlugin):
+    """Username/password check against an in-memory table (constant-time compare)."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        users: dict[str, str] = self.config.users
+        expected = users.get(session.username or "")
+        if expected is None or session.password is None:
+            return False
+        return hmac.compare_digest(expected.encode(), str(session.password).encode())
+
+    @dataclass
+    class Config:
+        users: dict[str, str] = field(default_factory=dict)
+
+
+class EmbeddedBroker:
+    """An amqtt broker on ``host:port`` (``port=0`` picks a free one; read ``.port`` after start)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 users: dict[str, str] | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.users = dict(users or {})
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Broker | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _config(self) -> dict[str, Any]:
+        if self.users:
+            auth: dict[str, Any] = {f"{__name__}.PasswordAuthPlugin": {"users": self.users}}
+        else:
+            auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        return {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                "plugins": auth}
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        if self._thread is not None:
+            return self
+        # amqtt logs every packet at INFO; keep our logs readable.
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"embedded broker did not start within {timeout:g} s")
+        if self._error is not None:
+            self._thread = None
+            raise RuntimeError(f"embedded broker failed to start on {self.host}:{self.port}: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def boot() -> None:
+            self._broker = Broker(self._config(), loop=loop)
+            await self._broker.start()
+            server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
+            self.port = server.sockets[0].getsockname()[1]
+
+        try:
+            loop.run_until_complete(boot())
+        except BaseException as exc:  # reported to start() in the caller's thread
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        loop = self._loop
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        try:
+            future.result(timeout)
+        except Exception:
+            log.warning("embedded broker shutdown was not clean", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        self._loop = None
+        self._broker = None
+
+    async def _shutdown(self) -> None:
+        broker = self._broker
+        if broker is None:
+            return
+        try:
+            await broker.shutdown()
+        except (Exception, asyncio.CancelledError):
+            # amqtt's shutdown can be cancelled half-way by its own session tasks; the
+            # listeners must still be closed or a restart cannot bind the port again.
+            log.debug("amqtt shutdown raised", exc_info=True)
+        for server in list(broker._servers.values()):
+            instance = getattr(server, "instance", None)
+            if instance is not None:
+                instance.close()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start on the same port.  Like a real restart of amqtt, retained messages
+        and sessions are gone afterwards."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    kill = stop  # an in-process broker has no harder way to die
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Block until interrupted (the foreground mode of ``fedmq broker``)."""
+        self.start()
+        assert self._thread is not None
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()

@@ -1,0 +1,118 @@
+"""The one place that knows fedmq's topic tree.
+
+Ids (services, methods, callers, devices, tasks) become single topic levels, so they are checked
+here: a ``/``, ``+`` or ``#`` inside an id would let one party speak on another's topics, and the
+broker ACL (``%u``/``%c`` patterns) relies on the caller being exactly one level.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "fedmq/v1"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TopicError(ValueError):
+    """A topic or an id that cannot be part of the fedmq topic tree."""
+
+
+def check_id(value: object, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise TopicError(
+            f"invalid {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ : - "
+            "starting with a letter or digit")
+    return value
+
+
+def check_digest(value: object) -> str:
+    if not isinstance(value, str) or not _DIGEST.match(value):
+        raise TopicError(f"invalid bundle digest {value!r}: expected 64 lowercase hex digits")
+    return value
+
+
+@dataclass(frozen=True)
+class RpcTopic:
+    service: str
+    method: str
+    caller: str
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Builds and parses topics under one configurable prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or self.prefix.startswith("/") or self.prefix.endswith("/") \
+                or any(c in self.prefix for c in "+#\0"):
+            raise TopicError(f"invalid topic prefix {self.prefix!r}")
+
+    def _join(self, *levels: str) -> str:
+        return "/".join((self.prefix, *levels))
+
+    # --- RPC -------------------------------------------------------------------------------
+    def rpc(self, service: str, method: str, caller: str) -> str:
+        return self._join("rpc", check_id(service, "service"), check_id(method, "method"),
+                          check_id(caller, "caller"))
+
+    def rpc_filter(self, service: str) -> str:
+        return self._join("rpc", check_id(service, "service"), "+", "+")
+
+    def reply_base(self, caller: str) -> str:
+        return self._join("reply", check_id(caller, "caller"))
+
+    def reply(self, caller: str, inbox: str) -> str:
+        return self._join("reply", check_id(caller, "caller"), check_id(inbox, "inbox"))
+
+    def parse_rpc(self, topic: str) -> RpcTopic:
+        head = self.prefix + "/rpc/"
+        if not topic.startswith(head):
+            raise TopicError(f"not an RPC topic: {topic!r}")
+        parts = topic[len(head):].split("/")
+        if len(parts) != 3:
+            raise TopicError(f"RPC topic needs <service>/<method>/<caller>: {topic!r}")
+        service, method, caller = parts
+        return RpcTopic(check_id(service, "service"), check_id(method, "method"),
+                        check_id(caller, "caller"))
+
+    def reply_allowed(self, reply_to: str, caller: str) -> bool:
+        """A service only answers inside the caller's own reply tree (so the ACL holds)."""
+        base = self.reply_base(caller)
+        if reply_to != base and not reply_to.startswith(base + "/"):
+            return False
+        return not any(c in reply_to for c in "+#\0")
+
+    # --- devices, tasks, bundles, events ---------------------------------------------------
+    def device_state(self, device: str) -> str:
+        return self._join("devices", check_id(device, "device"), "state")
+
+    def device_cmd(self, device: str) -> str:
+        return self._join("devices", check_id(device, "device"), "cmd")
+
+    def task(self, task: str) -> str:
+        return self._join("tasks", check_id(task, "task"))
+
+    def task_events(self, task: str) -> str:
+        return self._join("tasks", check_id(task, "task"), "events")
+
+    def bundle_manifest(self, digest: str) -> str:
+        return self._join("bundles", check_digest(digest), "manifest")
+
+    def bundle_chunk(self, digest: str, index: int) -> str:
+        if not isinstance(index, int) or index < 0:
+            raise TopicError(f"invalid chunk index {index!r}")
+        return self._join("bundles", check_digest(digest), str(index))
+
+    def events(self, component: str) -> str:
+        return self._join("events", check_id(component, "component"))
+
+    # --- filters ---------------------------------------------------------------------------
+    def all_device_states(self) -> str:
+        return self._join("devices", "+", "state")
+
+    def all_tasks(self) -> str:
+        return self._join("tasks", "+")
