@@ -1,0 +1,42 @@
+"""ftdl (Flower Task Daemon Lib): runs task entry points as supervised child processes.
+
+The cloud runs a task's Flower server with it, the edge the Flower client.  Task code uses
+``TaskReporter`` (and ``ftdl.flower`` for Flower), and never imports the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
+from ftdl.process import TaskEvent, TaskOutcome, TaskProcess
+from ftdl.reporter import ENV_TASK_ID, TaskReporter, rpc_env, task_args
+from ftdl.triggers import TriggerRunner
+
+__all__ = ["MANIFEST_NAME", "ManifestError", "TaskEvent", "TaskManifest", "TaskOutcome",
+           "TaskProcess", "TaskReporter", "TriggerRunner", "load_manifest", "start_task", "task_args"]
+
+
+def start_task(task_dir: Path, role: str, *, task_id: str, log_dir: Path,
+               on_event: Callable[[TaskEvent], None], args: dict[str, Any] | None = None,
+               data_dir: Path | None = None, rpc: dict[str, str] | None = None,
+               on_output: Callable[[str, str], None] | None = None,
+               time_limit_s: float | None = None, manifest: TaskManifest | None = None,
+               env: dict[str, str] | None = None) -> TaskProcess:
+    """Start the ``role`` entry point of an unpacked task folder, with its declared triggers.
+
+    ``args`` (the operator's) override the manifest's defaults for the role."""
+    manifest = manifest or load_manifest(task_dir)
+    entry = manifest.entry(role)
+    merged = {**entry.args, **(args or {})}
+    trigger_env = {ENV_TASK_ID: task_id, **rpc_env(rpc)}
+    runner = TriggerRunner(manifest.triggers, task_dir=task_dir, log_dir=log_dir, env=trigger_env,
+                           on_event=on_event)
+    process = TaskProcess.for_entry(task_dir, entry.entry, args=merged, data_dir=data_dir, rpc=rpc,
+                                    task_id=task_id, role=role, log_dir=log_dir, on_event=on_event,
+                                    on_output=on_output, time_limit_s=time_limit_s,
+                                    on_trigger=runner.handle, env=env)
+    process.triggers = runner  # type: ignore[attr-defined]
+    return process.start()
+

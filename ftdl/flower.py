@@ -1,0 +1,176 @@
+"""Flower helpers: the only module of fedmq that calls Flower's API.
+
+A task author writes plain Flower code -- a ``Strategy`` on the server, a ``NumPyClient`` on the
+client -- and calls ``serve`` or ``join``.  These wrap them so every round's aggregated metrics
+and progress reach the reporter without a line of reporting code, and the final global model is
+saved where the cloud collects it.
+
+Flower's legacy ``start_server``/``start_client`` (deprecated since 1.13, working in the tested
+1.41-1.42 range) are used here and nowhere else, so moving to SuperLink/SuperNode is a change to
+this one file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import flwr as fl
+from flwr.common import (EvaluateRes, FitRes, Parameters, Scalar, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from ftdl.reporter import TaskReporter
+
+ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"
+ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"
+MODEL_FILE = "model.npz"
+
+__all__ = ["ReportingStrategy", "ReportingClient", "flower_address", "join", "serve",
+           "weighted_average", "ndarrays_to_parameters", "parameters_to_ndarrays"]
+
+
+def flower_address(address: str | None = None) -> str:
+    value = address or os.environ.get(ENV_FLOWER_ADDRESS)
+    if not value:
+        raise RuntimeError(f"no Flower address: pass one or set {ENV_FLOWER_ADDRESS} (ftdl does)")
+    return value
+
+
+def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Average each numeric metric over clients, weighted by their example counts."""
+    total = sum(n for n, _ in metrics) or 1
+    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in sorted(keys)}
+
+
+def _scalars(metrics: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (bool, int, float, str)):
+            out[prefix + key] = value
+    return out
+
+
+class ReportingStrategy(Strategy):
+    """Delegates to the author's strategy; reports every round and keeps the latest model."""
+
+    def __init__(self, inner: Strategy, rounds: int, reporter: TaskReporter) -> None:
+        self.inner, self.rounds, self.reporter = inner, rounds, reporter
+        self.latest: Parameters | None = None
+        self.last_metrics: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"ReportingStrategy({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, Any]]:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            self.latest = parameters
+        stats = {"fit_clients": len(results), "fit_failures": len(failures),
+                 "examples": sum(r.num_examples for _, r in results), **_scalars(metrics, "train_")}
+        self.last_metrics.update(stats)
+        self.reporter.send_stats(server_round, stats)
+        self.reporter.send_progress(server_round, self.rounds)
+        return parameters, metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, Any]]:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
+        stats = {"eval_clients": len(results), **_scalars(metrics)}
+        if loss is not None:
+            stats["loss"] = float(loss)
+        self.last_metrics.update(stats)
+        self.reporter.send_stats(server_round, stats)
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        result = self.inner.evaluate(server_round, parameters)
+        if result is not None and server_round > 0:
+            loss, metrics = result
+            stats = {"central_loss": float(loss), **_scalars(metrics, "central_")}
+            self.last_metrics.update(stats)
+            self.reporter.send_stats(server_round, stats)
+        return result
+
+
+def _save_model(parameters: Parameters | None, directory: str | None) -> str | None:
+    if parameters is None or not directory:
+        return None
+    path = Path(directory) / MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = parameters_to_ndarrays(parameters)
+    np.savez(path, *arrays)
+    return str(path)
+
+
+def serve(strategy: Strategy, *, rounds: int, address: str | None = None,
+          round_timeout_s: float | None = None, reporter: TaskReporter | None = None) -> Any:
+    """Run a Flower server for ``rounds`` rounds; report each round; save the final model."""
+    reporter = reporter or TaskReporter.get()
+    wrapped = ReportingStrategy(strategy, rounds, reporter)
+    reporter.send_progress(0, rounds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        history = fl.server.start_server(
+            server_address=flower_address(address), strategy=wrapped,
+            config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=round_timeout_s))
+    model = _save_model(wrapped.latest, os.environ.get(ENV_OUTPUT_DIR))
+    reporter.finish(rounds=rounds, metrics=wrapped.last_metrics, model=model)
+    return history
+
+
+class ReportingClient(fl.client.NumPyClient):
+    """Delegates to the author's NumPyClient; reports local metrics after every fit/evaluate."""
+
+    def __init__(self, inner: fl.client.NumPyClient, reporter: TaskReporter) -> None:
+        self.inner, self.reporter = inner, reporter
+        self.round = 0
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        return self.inner.get_properties(config)
+
+    def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
+        return self.inner.get_parameters(config)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> Any:
+        self.round = int(config.get("server_round", self.round + 1))
+        new_parameters, num_examples, metrics = self.inner.fit(parameters, config)
+        self.reporter.send_stats(self.round, {"num_examples": num_examples, **_scalars(metrics, "train_")})
+        return new_parameters, num_examples, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> Any:
+        loss, num_examples, metrics = self.inner.evaluate(parameters, config)
+        self.reporter.send_stats(self.round, {"loss": float(loss), "num_examples": num_examples,
+                                              **_scalars(metrics)})
+        return loss, num_examples, metrics
+
+
+def join(client: fl.client.NumPyClient, *, address: str | None = None, max_wait_s: float = 120.0,
+         reporter: TaskReporter | None = None) -> None:
+    """Connect a NumPyClient to the task's Flower server and train until the server is done."""
+    reporter = reporter or TaskReporter.get()
+    wrapped = ReportingClient(client, reporter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fl.client.start_client(server_address=flower_address(address), client=wrapped.to_client(),
+                               insecure=True, max_wait_time=max_wait_s)
+    reporter.finish(rounds=wrapped.round)

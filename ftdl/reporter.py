@@ -1,0 +1,106 @@
+"""``TaskReporter``: how task code talks to the process that runs it.
+
+Keeps AGATA's verbs (``send_info``, ``send_stats``, ``send_error``, ``trigger``) and adds
+``send_progress`` and ``finish``.  Under ftdl it writes frames to the reporter pipe whose fd is
+in ``FEDMQ_REPORTER_FD``; run by hand (``python client.py``) it writes the same frames to stderr,
+so a task can be debugged without fedmq around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from typing import Any, BinaryIO
+
+from ftdl.channel import ENV_FD, MAX_FRAME_BYTES, ReporterMessage
+
+ENV_TASK_ID = "FEDMQ_TASK_ID"
+ENV_ROLE = "FEDMQ_ROLE"
+ENV_DATA_DIR = "FEDMQ_DATA_DIR"
+ENV_ARGS = "FEDMQ_TASK_ARGS"
+ENV_BROKER = "FEDMQ_BROKER"
+ENV_PREFIX = "FEDMQ_PREFIX"
+ENV_CALLER = "FEDMQ_CALLER"
+
+
+def rpc_env(rpc: dict[str, str] | None) -> dict[str, str]:
+    """The cloud's RPC coordinates as environment variables, for task code and triggers."""
+    names = {"broker": ENV_BROKER, "prefix": ENV_PREFIX, "caller": ENV_CALLER}
+    return {names[k]: v for k, v in (rpc or {}).items() if k in names and v}
+
+
+def task_args() -> dict[str, Any]:
+    """The task's named arguments (manifest defaults merged with the operator's), typed as JSON."""
+    raw = os.environ.get(ENV_ARGS, "{}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class TaskReporter:
+    _shared: "TaskReporter | None" = None
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._lock = threading.Lock()
+        if stream is not None:
+            self._stream: BinaryIO = stream
+            self.attached = True
+        elif os.environ.get(ENV_FD, "").isdigit():
+            self._stream = os.fdopen(int(os.environ[ENV_FD]), "wb", buffering=0)
+            self.attached = True
+        else:
+            self._stream = sys.stderr.buffer
+            self.attached = False
+        self.finished = False
+        self.task_id = os.environ.get(ENV_TASK_ID, "local")
+        self.role = os.environ.get(ENV_ROLE, "client")
+
+    @classmethod
+    def get(cls) -> "TaskReporter":
+        """The process-wide reporter (one pipe, one writer)."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def _send(self, kind: str, data: dict[str, Any]) -> None:
+        line = ReporterMessage(kind, data).to_line()
+        if len(line) > MAX_FRAME_BYTES:
+            raise ValueError(f"report of {len(line)} bytes exceeds the channel's {MAX_FRAME_BYTES}")
+        with self._lock:
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # the parent is gone; the task's own exit handling decides what happens
+
+    # AGATA's verbs ------------------------------------------------------------------------
+    def send_info(self, **info: Any) -> None:
+        """Facts about this run (data quantity, model size, ...)."""
+        self._send("info", info)
+
+    def send_stats(self, round: int, metrics: dict[str, Any]) -> None:  # noqa: A002 - AGATA's name
+        self._send("stats", {"round": round, "metrics": metrics})
+
+    def send_error(self, type: str, message: str) -> None:  # noqa: A002 - AGATA's name
+        self._send("error", {"type": type, "message": message})
+
+    def trigger(self, name: str, *args: str) -> None:
+        """Ask the parent to run the trigger ``name`` declared in the task manifest."""
+        self._send("trigger", {"name": name, "args": [str(a) for a in args]})
+
+    # fedmq's additions --------------------------------------------------------------------
+    def send_progress(self, round: int, total: int) -> None:  # noqa: A002
+        self._send("progress", {"round": round, "total": total})
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._send("log", {"message": message, "level": level})
+
+    def finish(self, **summary: Any) -> None:
+        """The task is done; an exit code 0 after this is a success."""
+        if not self.finished:
+            self.finished = True
+            self._send("finished", summary)
