@@ -1,0 +1,1 @@
+"""fedmq's cloud services: bundle store, task manager, device registry."""

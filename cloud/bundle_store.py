@@ -1,0 +1,182 @@
+"""The cloud's bundle store: content-addressed archives on disk, and their retained copies on
+the broker.
+
+Layout under the store folder::
+
+    archives/<digest>.tar.gz     verified archives, named by their SHA-256
+    manifests/<digest>.json      their manifests (as uploaded: signature included)
+    uploads/<digest>/<index>     chunks of uploads in progress (resumable)
+
+Publishing writes every chunk as a retained QoS 1 message ``bundles/<digest>/<index>`` (raw
+bytes) and then the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as much
+as for devices) -- manifest last, so whoever sees it finds every chunk already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+from broker import codec
+from broker.connection import MqttConnection
+from broker.topics import Topics
+from ftdl.bundle import (DEFAULT_CHUNK_SIZE, BundleError, BundleManifest, Limits, file_digest,
+                         inspect_archive, rechunk)
+from ftdl.manifest import MANIFEST_NAME, TaskManifest
+from ftdl.signing import TrustStore
+
+log = logging.getLogger("fedmq.cloud.bundles")
+
+
+class BundleStore:
+    def __init__(self, root: Path | str, *, trust: TrustStore | None = None,
+                 require_signed: bool = False, limits: Limits = Limits()) -> None:
+        self.root = Path(root)
+        self.trust = trust
+        self.require_signed = require_signed
+        self.limits = limits
+        for sub in ("archives", "manifests", "uploads"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # --- lookups ---------------------------------------------------------------------------
+    def archive_path(self, digest: str) -> Path:
+        return self.root / "archives" / f"{digest}.tar.gz"
+
+    def has(self, digest: str) -> bool:
+        return self.archive_path(digest).is_file() and (self.root / "manifests" / f"{digest}.json").is_file()
+
+    def manifest(self, digest: str) -> BundleManifest:
+        path = self.root / "manifests" / f"{digest}.json"
+        try:
+            return BundleManifest.from_wire(json.loads(path.read_text()), self.limits)
+        except FileNotFoundError:
+            raise BundleError("not_found", f"no bundle {digest} in the store") from None
+
+    def list(self) -> list[BundleManifest]:
+        return [self.manifest(p.stem) for p in sorted((self.root / "manifests").glob("*.json"))]
+
+    # --- upload ----------------------------------------------------------------------------
+    def begin(self, manifest: BundleManifest) -> list[int]:
+        """Start or resume an upload; returns the chunk indices still missing."""
+        if self.trust is not None or self.require_signed:
+            manifest.verify(self.trust, allow_unsigned=not self.require_signed)
+        if self.has(manifest.digest):
+            return []
+        folder = self.root / "uploads" / manifest.digest
+        folder.mkdir(exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest.to_wire()))
+        return [i for i, want in enumerate(manifest.chunks) if not self._chunk_ok(folder / str(i), want)]
+
+    @staticmethod
+    def _chunk_ok(path: Path, want: str) -> bool:
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest() == want
+        except FileNotFoundError:
+            return False
+
+    def _upload_manifest(self, digest: str) -> BundleManifest:
+        path = self.root / "uploads" / digest / "manifest.json"
+        try:
+            return BundleManifest.from_wire(json.loads(path.read_text()), self.limits)
+        except FileNotFoundError:
+            raise BundleError("not_found", f"no upload in progress for {digest}; call upload_begin") from None
+
+    def put_chunk(self, digest: str, index: int, data: bytes) -> None:
+        manifest = self._upload_manifest(digest)
+        if not 0 <= index < manifest.chunk_count:
+            raise BundleError("bad_chunk", f"chunk index {index} outside 0..{manifest.chunk_count - 1}")
+        if hashlib.sha256(data).hexdigest() != manifest.chunks[index]:
+            raise BundleError("tampered_chunk", f"chunk {index} does not match its digest")
+        target = self.root / "uploads" / digest / str(index)
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def commit(self, digest: str) -> BundleManifest:
+        """Assemble, verify the whole digest and the archive's contents, then store."""
+        manifest = self._upload_manifest(digest)
+        folder = self.root / "uploads" / digest
+        missing = [i for i in range(manifest.chunk_count) if not (folder / str(i)).is_file()]
+        if missing:
+            raise BundleError("incomplete", f"{len(missing)} chunk(s) still missing, first {missing[0]}")
+        assembled = folder / "archive.part"
+        with assembled.open("wb") as out:
+            for i in range(manifest.chunk_count):
+                out.write((folder / str(i)).read_bytes())
+        if file_digest(assembled) != digest or assembled.stat().st_size != manifest.size:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise BundleError("digest_mismatch", "the assembled archive does not match its digest")
+        inspect_archive(assembled, self.limits)
+        self._check_task_manifest(assembled, manifest)
+        with self._lock:
+            os.replace(assembled, self.archive_path(digest))
+            (self.root / "manifests" / f"{digest}.json").write_text(json.dumps(manifest.to_wire()))
+        shutil.rmtree(folder, ignore_errors=True)
+        return manifest
+
+    @staticmethod
+    def _check_task_manifest(archive: Path, manifest: BundleManifest) -> None:
+        import tarfile
+        import tomllib
+
+        from ftdl.manifest import parse_manifest
+
+        with tarfile.open(archive, "r:gz") as tar:
+            try:
+                member = tar.getmember(MANIFEST_NAME)
+            except KeyError:
+                raise BundleError("bad_manifest", f"the archive has no {MANIFEST_NAME}") from None
+            handle = tar.extractfile(member)
+            inner = parse_manifest(tomllib.loads(handle.read().decode()))  # type: ignore[union-attr]
+        if inner != TaskManifest.from_dict(manifest.task):
+            raise BundleError("bad_manifest", f"the archive's {MANIFEST_NAME} differs from the bundle manifest")
+
+    def remove(self, digest: str) -> bool:
+        with self._lock:
+            found = self.has(digest)
+            self.archive_path(digest).unlink(missing_ok=True)
+            (self.root / "manifests" / f"{digest}.json").unlink(missing_ok=True)
+        return found
+
+
+class BundlePublisher:
+    """Puts stored bundles on the broker as retained messages, and takes them off again."""
+
+    def __init__(self, connection: MqttConnection, topics: Topics, store: BundleStore,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.connection, self.topics, self.store, self.chunk_size = connection, topics, store, chunk_size
+
+    def publish(self, digest: str, on_chunk: Callable[[int, int], None] | None = None) -> BundleManifest:
+        manifest = rechunk(self.store.manifest(digest), self.store.archive_path(digest), self.chunk_size)
+        infos = []
+        with self.store.archive_path(digest).open("rb") as archive:
+            for index in range(manifest.chunk_count):
+                data = archive.read(manifest.chunk_size)
+                infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), data,
+                                                     qos=1, retain=True))
+                if on_chunk:
+                    on_chunk(index + 1, manifest.chunk_count)
+        for info in infos:  # every chunk acknowledged by the broker before the manifest appears
+            info.wait_for_publish(30)
+        self.connection.publish(self.topics.bundle_manifest(digest),
+                                codec.encode(manifest.to_wire(), codec.Codec.JSON), qos=1,
+                                retain=True).wait_for_publish(30)
+        log.info("published bundle %s (%d chunks of %d bytes)", digest[:12], manifest.chunk_count,
+                 manifest.chunk_size)
+        return manifest
+
+    def clear(self, digest: str, chunk_count: int) -> None:
+        """An empty retained message deletes the retained one: manifest first, then chunks."""
+        infos = [self.connection.publish(self.topics.bundle_manifest(digest), b"", qos=1, retain=True)]
+        for index in range(chunk_count):
+            infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), b"", qos=1,
+                                                 retain=True))
+        for info in infos:
+            info.wait_for_publish(30)

@@ -1,0 +1,227 @@
+"""Fetching a bundle from the broker on a device: streamed, verified, resumable, unpacked safely.
+
+The archive is assembled in place in ``partial/<digest>.tar.gz`` (chunks written at their
+offsets), so memory holds a few chunks, never the bundle.  Which chunks are present is decided by
+their content: on start every chunk slot of a partial file is hashed against the manifest, so a
+crash or a lost connection costs only the chunks that never arrived intact -- no bookkeeping file
+that a crash could leave out of step with the data.
+
+Chunks are requested by subscribing to their exact retained topics, a window at a time, which
+bounds what is in flight and means a resumed download asks only for what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+
+from broker import codec
+from broker.connection import MqttConnection
+from broker.topics import Topics, TopicError, check_digest
+from ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, safe_unpack
+from ftdl.manifest import TaskManifest, load_manifest
+from ftdl.signing import TrustStore
+
+log = logging.getLogger("fedmq.edge.bundles")
+
+DEFAULT_WINDOW = 8
+
+
+@dataclass
+class FetchResult:
+    digest: str
+    path: Path
+    cached: bool = False
+    downloaded_chunks: int = 0
+    reused_chunks: int = 0
+    total_chunks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class _Download:
+    """State of one archive being assembled; its callbacks run in paho's thread."""
+
+    def __init__(self, fetcher: "BundleFetcher", manifest: BundleManifest, path: Path,
+                 missing: list[int]) -> None:
+        self.fetcher, self.manifest, self.path = fetcher, manifest, path
+        self.pending = list(reversed(missing))
+        self.outstanding: set[int] = set()
+        self.total_missing = len(missing)
+        self.received = 0
+        self.failure: BundleError | None = None
+        self.done = threading.Condition()
+        self.fd = os.open(path, os.O_RDWR)
+        self.last_activity = time.monotonic()
+
+    def topic(self, index: int) -> str:
+        return self.fetcher.topics.bundle_chunk(self.manifest.digest, index)
+
+    def request_more(self) -> None:
+        while self.pending and len(self.outstanding) < self.fetcher.window:
+            index = self.pending.pop()
+            self.outstanding.add(index)
+            self.fetcher.connection.subscribe(self.topic(index), self.on_chunk, qos=1, wait=False)
+
+    def on_chunk(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            index = int(message.topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        with self.done:
+            if index not in self.outstanding or self.failure is not None:
+                return
+            if not message.payload:  # cleared while we were fetching: the bundle was removed
+                self.failure = BundleError("not_found", "the bundle was removed from the broker during the download")
+                self.done.notify_all()
+                return
+            if hashlib.sha256(message.payload).hexdigest() != self.manifest.chunks[index]:
+                self.failure = BundleError("tampered_chunk", f"chunk {index} does not match its digest")
+                self.done.notify_all()
+                return
+            os.pwrite(self.fd, message.payload, index * self.manifest.chunk_size)
+            self.outstanding.discard(index)
+            self.received += 1
+            self.last_activity = time.monotonic()
+            self.fetcher.connection.unsubscribe(self.topic(index))
+            self.request_more()
+            self.fetcher._progress(self.manifest, self.received, self.total_missing)
+            if not self.outstanding and not self.pending:
+                self.done.notify_all()
+
+    def wait(self, stall_timeout: float) -> None:
+        with self.done:
+            self.request_more()
+            while (self.outstanding or self.pending) and self.failure is None:
+                self.done.wait(1.0)
+                if time.monotonic() - self.last_activity > stall_timeout:
+                    self.failure = BundleError(
+                        "timeout", f"no chunk arrived for {stall_timeout:g} s "
+                                   f"({self.received}/{self.total_missing} fetched; resumable)")
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self) -> None:
+        for index in list(self.outstanding):
+            self.fetcher.connection.unsubscribe(self.topic(index))
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+class BundleFetcher:
+    def __init__(self, connection: MqttConnection, topics: Topics, cache_dir: Path | str, *,
+                 trust: TrustStore | None = None, allow_unsigned: bool = False,
+                 limits: Limits = Limits(), window: int = DEFAULT_WINDOW,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_progress: Callable[[int, int, BundleManifest], None] | None = None) -> None:
+        self.connection, self.topics = connection, topics
+        self.cache = Path(cache_dir)
+        self.trust = trust
+        self.allow_unsigned = allow_unsigned
+        self.limits = limits
+        self.window = max(1, window)
+        self.on_event = on_event or (lambda kind, data: None)
+        self.on_progress = on_progress
+        (self.cache / "bundles").mkdir(parents=True, exist_ok=True)
+        (self.cache / "partial").mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, digest: str) -> Path:
+        return self.cache / "bundles" / digest
+
+    def _progress(self, manifest: BundleManifest, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, total, manifest)
+
+    def fetch(self, digest: str, *, manifest_timeout: float = 30.0, stall_timeout: float = 30.0) -> FetchResult:
+        """Return the unpacked bundle folder, downloading what is missing.  Raises ``BundleError``
+        (after an event ``bundle_refused``) for anything that must not run."""
+        try:
+            check_digest(digest)
+        except TopicError as exc:
+            raise BundleError("bad_manifest", str(exc)) from None
+        target = self.path_for(digest)
+        if target.is_dir():
+            return FetchResult(digest, target, cached=True)
+        try:
+            return self._fetch(digest, target, manifest_timeout, stall_timeout)
+        except BundleError as exc:
+            self.on_event("bundle_refused", {"digest": digest, "reason": exc.code, "message": exc.message})
+            raise
+
+    def _wait_manifest(self, digest: str, timeout: float) -> BundleManifest:
+        got: list[bytes] = []
+        arrived = threading.Event()
+
+        def on_manifest(message: mqtt.MQTTMessage) -> None:
+            if message.payload:
+                got.append(message.payload)
+                arrived.set()
+
+        topic = self.topics.bundle_manifest(digest)
+        self.connection.subscribe(topic, on_manifest, qos=1)
+        try:
+            if not arrived.wait(timeout):
+                raise BundleError("not_found", f"no manifest for bundle {digest} on the broker within {timeout:g} s")
+        finally:
+            self.connection.unsubscribe(topic)
+        try:
+            body, _ = codec.decode(got[-1])
+        except codec.CodecError as exc:
+            raise BundleError("bad_manifest", f"bundle manifest is not decodable: {exc}") from None
+        manifest = BundleManifest.from_wire(body, self.limits)
+        if manifest.digest != digest:
+            raise BundleError("bad_manifest", f"manifest on {topic} describes another bundle")
+        return manifest
+
+    def _present(self, manifest: BundleManifest, path: Path) -> list[int]:
+        present = []
+        with path.open("rb") as handle:
+            for index, want in enumerate(manifest.chunks):
+                handle.seek(index * manifest.chunk_size)
+                if hashlib.sha256(handle.read(manifest.chunk_size)).hexdigest() == want:
+                    present.append(index)
+        return present
+
+    def _fetch(self, digest: str, target: Path, manifest_timeout: float, stall_timeout: float) -> FetchResult:
+        started = time.monotonic()
+        manifest = self._wait_manifest(digest, manifest_timeout)
+        # Signature first: no byte of an untrusted bundle is downloaded.
+        manifest.verify(self.trust, self.allow_unsigned)
+        partial = self.cache / "partial" / f"{digest}.tar.gz"
+        with partial.open("ab") as handle:
+            handle.truncate(manifest.size)
+        present = set(self._present(manifest, partial))
+        missing = [i for i in range(manifest.chunk_count) if i not in present]
+        self.on_event("bundle_fetch_started", {"digest": digest, "chunks": manifest.chunk_count,
+                                               "missing": len(missing), "size": manifest.size})
+        download = _Download(self, manifest, partial, missing)
+        try:
+            download.wait(stall_timeout)
+        finally:
+            download.close()
+        if file_digest(partial) != digest:
+            partial.unlink(missing_ok=True)
+            raise BundleError("digest_mismatch", "the assembled archive does not match the bundle digest")
+        try:
+            safe_unpack(partial, target, self.limits)
+            if load_manifest(target) != TaskManifest.from_dict(manifest.task):
+                shutil.rmtree(target, ignore_errors=True)
+                raise BundleError("bad_manifest", "the unpacked fedmq.toml differs from the signed manifest")
+        except BundleError:
+            partial.unlink(missing_ok=True)  # verified bytes, but refused content: never retry it
+            raise
+        partial.unlink(missing_ok=True)
+        result = FetchResult(digest, target, downloaded_chunks=download.received, reused_chunks=len(present),
+                             total_chunks=manifest.chunk_count, bytes=manifest.size,
+                             seconds=round(time.monotonic() - started, 3))
+        self.on_event("bundle_fetched", {k: v for k, v in vars(result).items() if k != "path"})
+        return result

@@ -1,0 +1,294 @@
+"""Task bundles: a deterministic archive of a task folder, its manifest, and safe unpacking.
+
+The archive is a gzip'd tar with sorted entries and every varying header field fixed (mtime,
+owner, mode bits), so the same folder always gives the same bytes and the same SHA-256: bundles
+are content-addressed by that digest.  The signature covers the digest, the size, the file list
+and the task manifest -- not the chunking, so the cloud may re-chunk for its broker without
+re-signing; per-chunk digests catch corruption early and the whole digest is the final word.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Iterator
+
+from ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
+from ftdl.signing import SigningError, SigningKey, TrustStore
+
+FORMAT = 1
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 192 * 1024          # stays under the RPC request limit (256 KiB) when uploaded
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+MAX_FILES = 10_000
+MAX_RATIO = 200                      # unpacked bytes per archive byte
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".venv"}
+_SKIP_SUFFIXES = (".pyc", ".pyo")
+
+
+class BundleError(ValueError):
+    """A bundle that must not be used; ``code`` says why in one word for events and tests."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bundle_bytes: int = MAX_BUNDLE_BYTES
+    max_unpacked_bytes: int = MAX_UNPACKED_BYTES
+    max_files: int = MAX_FILES
+    max_ratio: int = MAX_RATIO
+
+
+@dataclass
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class BundleManifest:
+    digest: str
+    size: int
+    chunk_size: int
+    chunks: list[str]
+    files: list[FileEntry]
+    task: dict[str, Any]
+    signer: str | None = None
+    signature: str | None = None
+    format: int = FORMAT
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def task_manifest(self) -> TaskManifest:
+        return TaskManifest.from_dict(self.task)
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: canonical JSON of everything but the chunking."""
+        body = {"format": self.format, "digest": self.digest, "size": self.size,
+                "files": [vars(f) for f in self.files], "task": self.task}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def sign(self, key: SigningKey) -> None:
+        self.signer, self.signature = key.key_id, key.sign(self.signed_bytes())
+
+    def verify(self, trust: TrustStore | None, allow_unsigned: bool = False) -> None:
+        if self.signature is None and allow_unsigned:
+            return
+        try:
+            (trust or TrustStore()).verify(self.signer, self.signature, self.signed_bytes())
+        except SigningError as exc:
+            code = "unsigned" if self.signature is None else \
+                "unknown_signer" if "unknown key" in str(exc) else "bad_signature"
+            raise BundleError(code, str(exc)) from None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"format": self.format, "digest": self.digest, "size": self.size,
+                "chunk_size": self.chunk_size, "chunks": self.chunks,
+                "files": [vars(f) for f in self.files], "task": self.task,
+                "signer": self.signer, "signature": self.signature}
+
+    @classmethod
+    def from_wire(cls, data: Any, limits: Limits = Limits()) -> "BundleManifest":
+        """Validate a manifest from the outside (broker, upload): shapes, bounds, consistency."""
+        def bad(message: str) -> BundleError:
+            return BundleError("bad_manifest", f"invalid bundle manifest: {message}")
+
+        if not isinstance(data, dict):
+            raise bad("not an object")
+        if data.get("format") != FORMAT:
+            raise bad(f"unsupported format {data.get('format')!r}")
+        digest, size, chunk_size = data.get("digest"), data.get("size"), data.get("chunk_size")
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise bad("digest must be 64 lowercase hex digits")
+        if not _is_int(size) or not 0 < size <= limits.max_bundle_bytes:
+            raise bad(f"size must be 1..{limits.max_bundle_bytes} bytes")
+        if not _is_int(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise bad(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        chunks = data.get("chunks")
+        if not isinstance(chunks, list) or len(chunks) != math.ceil(size / chunk_size) \
+                or not all(isinstance(c, str) and _HEX64.match(c) for c in chunks):
+            raise bad("chunks must list one SHA-256 per chunk of the archive")
+        files = data.get("files")
+        if not isinstance(files, list) or len(files) > limits.max_files:
+            raise bad(f"files must be a list of at most {limits.max_files}")
+        entries = []
+        for item in files:
+            if not (isinstance(item, dict) and isinstance(item.get("path"), str) and _is_int(item.get("size"))
+                    and isinstance(item.get("sha256"), str) and _HEX64.match(item["sha256"])):
+                raise bad("each file needs path, size and sha256")
+            entries.append(FileEntry(item["path"], item["size"], item["sha256"]))
+        task = data.get("task")
+        if not isinstance(task, dict):
+            raise bad("task must be an object")
+        try:
+            TaskManifest.from_dict(task)
+        except (ManifestError, TypeError, AttributeError) as exc:
+            raise bad(f"task: {exc}") from None
+        signer, signature = data.get("signer"), data.get("signature")
+        if signer is not None and not isinstance(signer, str) or signature is not None and not isinstance(signature, str):
+            raise bad("signer and signature must be strings")
+        return cls(digest, size, chunk_size, list(chunks), entries, task, signer, signature)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- packing ---------------------------------------------------------------------------------
+def _walk(folder: Path) -> Iterator[Path]:
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(_SKIP_SUFFIXES):
+                yield Path(root) / name
+        for name in dirs:
+            if (Path(root) / name).is_symlink():
+                raise BundleError("link", f"{Path(root) / name} is a link; bundles carry regular files only")
+
+
+def pack_folder(folder: Path | str, out: BinaryIO) -> list[FileEntry]:
+    """Write the deterministic archive of ``folder`` to ``out``; return its file list."""
+    source = Path(folder)
+    load_manifest(source)  # refuse to pack what could never run
+    entries: list[FileEntry] = []
+    with gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=9) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in _walk(source):
+            rel = path.relative_to(source).as_posix()
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError("link", f"{rel} is not a regular file; bundles carry regular files only")
+            data = path.read_bytes()
+            info = tarfile.TarInfo(rel)
+            info.size, info.mtime, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0, 0, "", ""
+            info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+            tar.addfile(info, io.BytesIO(data))
+            entries.append(FileEntry(rel, len(data), hashlib.sha256(data).hexdigest()))
+    return entries
+
+
+def chunk_digests(path: Path, chunk_size: int) -> list[str]:
+    digests = []
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digests.append(hashlib.sha256(chunk).hexdigest())
+    return digests
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def build_bundle(folder: Path | str, archive_path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 key: SigningKey | None = None) -> BundleManifest:
+    """Pack ``folder`` into ``archive_path`` and describe it (signed when a key is given)."""
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise BundleError("bad_manifest", f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+    with archive_path.open("wb") as out:
+        files = pack_folder(folder, out)
+    manifest = BundleManifest(digest=file_digest(archive_path), size=archive_path.stat().st_size,
+                              chunk_size=chunk_size, chunks=chunk_digests(archive_path, chunk_size),
+                              files=files, task=load_manifest(folder).to_dict())
+    if key is not None:
+        manifest.sign(key)
+    return manifest
+
+
+def rechunk(manifest: BundleManifest, archive_path: Path, chunk_size: int) -> BundleManifest:
+    """The same bundle described for another chunk size (the signature still holds)."""
+    if chunk_size == manifest.chunk_size:
+        return manifest
+    return BundleManifest(manifest.digest, manifest.size, chunk_size, chunk_digests(archive_path, chunk_size),
+                          manifest.files, manifest.task, manifest.signer, manifest.signature)
+
+
+# --- safe unpacking --------------------------------------------------------------------------
+def _safe_name(name: str) -> str:
+    if not name or "\\" in name or "\x00" in name:
+        raise BundleError("path_traversal", f"unsafe path {name!r} in bundle")
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or name.startswith("/"):
+        raise BundleError("path_traversal", f"path {name!r} would escape the bundle folder")
+    return path.as_posix()
+
+
+def inspect_archive(archive_path: Path, limits: Limits = Limits()) -> list[tarfile.TarInfo]:
+    """Walk the archive's headers with running limits; no file is written.
+
+    Sequential reading means at most about the limit is decompressed before a bomb is caught."""
+    archive_size = max(1, archive_path.stat().st_size)
+    members: list[tarfile.TarInfo] = []
+    total, seen = 0, set()
+    try:
+        with tarfile.open(archive_path, mode="r:gz") as tar:
+            while (member := tar.next()) is not None:
+                name = _safe_name(member.name)
+                if member.issym() or member.islnk():
+                    raise BundleError("link", f"{name!r} is a link; bundles carry regular files only")
+                if not (member.isfile() or member.isdir()):
+                    raise BundleError("special_file", f"{name!r} is a device, fifo or other special file")
+                if name in seen:
+                    raise BundleError("duplicate", f"{name!r} appears twice in the bundle")
+                seen.add(name)
+                total += member.size
+                if len(members) + 1 > limits.max_files:
+                    raise BundleError("too_many_files", f"bundle has more than {limits.max_files} files")
+                if total > limits.max_unpacked_bytes or total > limits.max_ratio * archive_size:
+                    raise BundleError("bomb", f"bundle expands past its limit ({limits.max_unpacked_bytes} "
+                                              f"bytes or {limits.max_ratio}x its {archive_size}-byte archive)")
+                members.append(member)
+    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise BundleError("corrupt", f"bundle archive is unreadable: {exc}") from None
+    return members
+
+
+def safe_unpack(archive_path: Path, dest: Path, limits: Limits = Limits()) -> Path:
+    """Unpack into ``dest`` (which must not exist) atomically: a temporary sibling folder is
+    filled, checked, and renamed.  Nothing is written outside it; on any refusal it is removed."""
+    if dest.exists():
+        raise BundleError("exists", f"{dest} already exists")
+    inspect_archive(archive_path, limits)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        with tarfile.open(archive_path, mode="r:gz") as tar:
+            # The 'data' filter is a second line of defence behind inspect_archive.
+            tar.extractall(staging, filter="data")
+        load_manifest(staging)
+        os.rename(staging, dest)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, BundleError):
+            raise
+        if isinstance(exc, ManifestError):
+            raise BundleError("bad_manifest", f"the bundle's {MANIFEST_NAME} is invalid: {exc}") from None
+        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+            raise BundleError("corrupt", f"bundle could not be unpacked: {exc}") from None
+        raise
+    return dest
