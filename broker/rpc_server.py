@@ -61,7 +61,7 @@ class MethodSpec:
 
 
 def _args_model(name: str, handler: Callable[..., Any]) -> tuple[type[BaseModel], str | None]:
-    hints = get_type_hints(handler)
+    hints = get_type_hints(handler, include_extras=True)
     fields: dict[str, Any] = {}
     context_param = None
     for param in inspect.signature(handler).parameters.values():

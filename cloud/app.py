@@ -12,10 +12,16 @@ from broker.rpc_server import RpcServer
 from broker.topics import DEFAULT_PREFIX, Topics
 from cloud.bundle_service import make_bundle_service
 from cloud.bundle_store import BundlePublisher, BundleStore
+from cloud.db import open_database
+from cloud.devices import PresenceTracker, make_device_service
+from cloud.events import EventLog
+from cloud.task_service import make_event_service, make_task_service
+from cloud.tasks import TaskManager, TaskSettings
 from ftdl.bundle import DEFAULT_CHUNK_SIZE
 from ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
+ALL_SERVICES = ("bundles", "devices", "tasks", "events")
 
 
 @dataclass
@@ -23,39 +29,83 @@ class CloudConfig:
     broker: str = "mqtt://127.0.0.1:1883"
     prefix: str = DEFAULT_PREFIX
     home: Path = Path("fedmq-cloud")
+    db: str | None = None
     client_id: str = "fedmq-cloud"
     trusted_keys: list[Path] = field(default_factory=list)
     require_signed: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     shared_group: str | None = None
+    services: tuple[str, ...] = ALL_SERVICES
+    flower_bind: str = "0.0.0.0"
+    flower_advertise: str = "127.0.0.1"
 
 
 class CloudApp:
     def __init__(self, config: CloudConfig) -> None:
+        unknown = set(config.services) - set(ALL_SERVICES)
+        if unknown:
+            raise ValueError(f"unknown services {sorted(unknown)}; choose from {', '.join(ALL_SERVICES)}")
         self.config = config
+        self.home = Path(config.home)
         self.topics = Topics(config.prefix)
+        self.db = open_database(config.db, self.home)
         self.connection = MqttConnection(config.client_id, config.broker, persistent=True)
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else None
-        self.store = BundleStore(Path(config.home) / "bundles", trust=trust,
-                                 require_signed=config.require_signed)
+        self.store = BundleStore(self.home / "bundles", trust=trust, require_signed=config.require_signed)
         self.publisher = BundlePublisher(self.connection, self.topics, self.store, config.chunk_size)
+        self.events = EventLog(self.connection, self.topics)
+        self.tasks = TaskManager(TaskSettings(home=self.home, broker_url=config.broker, prefix=config.prefix,
+                                              flower_bind=config.flower_bind,
+                                              flower_advertise=config.flower_advertise),
+                                 self.connection, self.topics, self.store, self.publisher, self.events)
+        self.presence = PresenceTracker(self.topics, self.events)
         self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group)
-        self.server.add(make_bundle_service(self.store, self.publisher))
+        makers = {"bundles": lambda: make_bundle_service(self.store, self.publisher),
+                  "devices": lambda: make_device_service(self.events),
+                  "tasks": lambda: make_task_service(self.tasks),
+                  "events": make_event_service}
+        for name in config.services:
+            self.server.add(makers[name]())
         self._stop = threading.Event()
+        self._started_once = False
 
     def start(self, timeout: float = 10.0) -> "CloudApp":
+        if "tasks" in self.config.services:
+            failed = self.tasks.reconcile()
+            if failed:
+                log.warning("tasks interrupted by the previous cloud's end, now failed: %s", failed)
+        self.connection.add_connect_listener(self._on_connect)
         self.connection.start(timeout=timeout)
+        if "devices" in self.config.services:
+            self.connection.subscribe(self.topics.all_device_states(), self.presence.on_message)
+        if "tasks" in self.config.services:
+            self.connection.subscribe(f"{self.topics.prefix}/tasks/+/events", self.tasks.on_task_event, qos=0)
         self.server.start()
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
 
+    def _on_connect(self, session_present: bool) -> None:
+        # A broker that restarted without persistence (amqtt) lost the retained announcements and
+        # bundles: put them back.  Off paho's thread, since publishing waits for acknowledgements.
+        if "tasks" in self.config.services and (self._started_once or not session_present):
+            threading.Thread(target=self._republish, name="republish", daemon=True).start()
+        self._started_once = True
+
+    def _republish(self) -> None:
+        try:
+            self.tasks.republish()
+        except Exception:
+            log.exception("republishing announcements failed")
+
     def stop(self) -> None:
         self._stop.set()
+        if "tasks" in self.config.services:
+            self.tasks.shutdown()
         self.connection.stop()
         self.server.stop()
+        self.db.close()
 
     def serve_forever(self) -> None:
-        self.start()
         try:
             while not self._stop.wait(0.5):
                 pass

@@ -138,6 +138,13 @@ class BundleStore:
         if inner != TaskManifest.from_dict(manifest.task):
             raise BundleError("bad_manifest", f"the archive's {MANIFEST_NAME} differs from the bundle manifest")
 
+    def adopt(self, manifest: BundleManifest, archive: Path) -> None:
+        """Keep a bundle built on the cloud host itself (``tasks.create`` with a folder)."""
+        inspect_archive(archive, self.limits)
+        with self._lock:
+            shutil.copyfile(archive, self.archive_path(manifest.digest))
+            (self.root / "manifests" / f"{manifest.digest}.json").write_text(json.dumps(manifest.to_wire()))
+
     def remove(self, digest: str) -> bool:
         with self._lock:
             found = self.has(digest)

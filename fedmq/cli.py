@@ -115,28 +115,187 @@ def call(service: str = typer.Argument(..., help="Service name, e.g. tasks."),
 @app.command()
 def cloud(broker_url: str = BrokerOpt, prefix: str = PrefixOpt,
           home: Path = typer.Option(Path("fedmq-cloud"), "--home", envvar="FEDMQ_CLOUD_HOME",
-                                    help="Folder for the bundle store and the database."),
+                                    help="Folder for the bundle store, task runs and the SQLite database."),
+          db: Optional[str] = typer.Option(None, "--db", envvar="FEDMQ_DB",
+                                           help="Database URL (default sqlite in --home; postgresql://user@host/db)."),
+          services: str = typer.Option("bundles,devices,tasks,events", help="Comma-separated services to run."),
           trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
                                                  "this public key (file or folder); repeatable."),
           require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads."),
           chunk_size: int = typer.Option(64 * 1024, help="Bytes per retained bundle chunk."),
+          flower_bind: str = typer.Option("0.0.0.0", help="Interface Flower servers listen on."),
+          flower_advertise: str = typer.Option("127.0.0.1", help="Host devices use to reach Flower servers."),
           client_id: str = typer.Option("fedmq-cloud", help="MQTT client id (persistent session)."),
           shared_group: Optional[str] = typer.Option(None, help="Share requests with other replicas "
                                                      "through $share/<group>/ (Mosquitto, EMQX, ...).")) -> None:
-    """Run the cloud services in the foreground."""
+    """Run the cloud services in the foreground (all in one process by default)."""
     from cloud.app import CloudApp, CloudConfig
 
-    config = CloudConfig(broker=broker_url, prefix=prefix, home=home, client_id=client_id,
-                         trusted_keys=trusted_key, require_signed=require_signed,
-                         chunk_size=chunk_size, shared_group=shared_group)
+    config = CloudConfig(broker=broker_url, prefix=prefix, home=home, db=db, client_id=client_id,
+                         trusted_keys=trusted_key, require_signed=require_signed, chunk_size=chunk_size,
+                         shared_group=shared_group, services=tuple(s.strip() for s in services.split(",") if s.strip()),
+                         flower_bind=flower_bind, flower_advertise=flower_advertise)
     try:
         cloud_app = CloudApp(config)
         cloud_app.start()
-    except (BrokerUnavailable, ValueError) as exc:
+    except (BrokerUnavailable, ValueError, RuntimeError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on {broker_url}")
+    console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on {broker_url}",
+                  highlight=False)
     cloud_app.serve_forever()
+
+
+# --- tasks, devices, events ----------------------------------------------------------------------
+task_app = typer.Typer(help="Create, start, stop and inspect tasks.", no_args_is_help=True)
+device_app = typer.Typer(help="The device registry.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+app.add_typer(device_app, name="device")
+
+
+def _rpc(service: str, method: str, args: dict[str, Any], broker_url: str, caller: str, prefix: str,
+         timeout: float = 30.0) -> Any:
+    client = rpc_client(broker_url, caller, prefix)
+    try:
+        return call_or_exit(client, service, method, args, timeout)
+    finally:
+        client.connection.stop()
+
+
+def _json_opt(value: Optional[str], name: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+
+
+def _ago(ts: Optional[float]) -> str:
+    import time as _time
+
+    if not ts:
+        return "-"
+    seconds = max(0, _time.time() - ts)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago" if seconds < 7200 else f"{seconds / 3600:.1f}h ago"
+
+
+def _task_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table("id", "name", "state", "rev", "round", "priority", "flower", "tags", "bundle")
+    colour = {"running": "green", "failed": "red", "finished": "blue", "stopped": "yellow"}
+    for r in rows:
+        rounds = f"{r['round']}/{r['total_rounds']}" if r.get("total_rounds") else str(r.get("round") or 0)
+        state = f"[{colour.get(r['state'], 'white')}]{r['state']}[/]"
+        table.add_row(r["id"], r["name"], state, str(r["revision"]), rounds, str(r["priority"]),
+                      r["flower"] or "-", ",".join(r["tags"] or []), r["bundle"][:12])
+    return table
+
+
+@task_app.command("create")
+def task_create(name: str = typer.Argument(..., help="Task name."),
+                bundle: Optional[str] = typer.Option(None, help="Bundle digest (from fedmq bundle push)."),
+                folder: Optional[str] = typer.Option(None, help="A task folder on the cloud host instead."),
+                task_id: Optional[str] = typer.Option(None, "--id", help="Task id (default: NAME-<random>)."),
+                criteria: str = typer.Option("", help="Selection criteria, e.g. 'data_quantity > 100'."),
+                args: Optional[str] = typer.Option(None, help="Task arguments as a JSON object."),
+                requirements: Optional[str] = typer.Option(None, help="Requirements as JSON (default: the bundle's)."),
+                tag: list[str] = typer.Option([], "--tag", help="Tag; repeatable."),
+                priority: int = typer.Option(0, help="Higher runs first."),
+                flower_port: Optional[int] = typer.Option(None, help="Flower port (default: a free one at start)."),
+                flower_host: Optional[str] = typer.Option(None, help="Host devices use to reach the Flower server."),
+                broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Create a task."""
+    payload = {k: v for k, v in dict(name=name, bundle=bundle, folder=folder, task=task_id, criteria=criteria,
+                                     args=_json_opt(args, "--args"), requirements=_json_opt(requirements, "--requirements"),
+                                     tags=tag or None, priority=priority, flower_port=flower_port,
+                                     flower_host=flower_host).items() if v is not None}
+    console.print(_task_table([_rpc("tasks", "create", payload, broker_url, caller, prefix)]))
+
+
+@task_app.command("list")
+def task_list(state: Optional[str] = typer.Option(None, help="Only tasks in this state."),
+              tag: Optional[str] = typer.Option(None, help="Only tasks with this tag."),
+              broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """List tasks."""
+    args = {k: v for k, v in dict(state=state, tag=tag).items() if v is not None}
+    console.print(_task_table(_rpc("tasks", "list", args, broker_url, caller, prefix)))
+
+
+@task_app.command("get")
+def task_get(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Show one task as JSON."""
+    sys.stdout.write(json.dumps(_rpc("tasks", "get", {"task": task}, broker_url, caller, prefix), indent=2) + "\n")
+
+
+@task_app.command("update")
+def task_update(task: str, criteria: Optional[str] = typer.Option(None), args: Optional[str] = typer.Option(None),
+                priority: Optional[int] = typer.Option(None), bundle: Optional[str] = typer.Option(None),
+                tag: list[str] = typer.Option([], "--tag"),
+                broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Change criteria, arguments, priority, tags or bundle (a new revision)."""
+    payload = {k: v for k, v in dict(task=task, criteria=criteria, args=_json_opt(args, "--args"),
+                                     priority=priority, bundle=bundle, tags=tag or None).items() if v is not None}
+    console.print(_task_table([_rpc("tasks", "update", payload, broker_url, caller, prefix)]))
+
+
+@task_app.command("start")
+def task_start(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Start a task (its Flower server runs on the cloud host)."""
+    console.print(_task_table([_rpc("tasks", "start", {"task": task}, broker_url, caller, prefix)]))
+
+
+@task_app.command("stop")
+def task_stop(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Stop a running task; its devices are told to stop."""
+    console.print(_task_table([_rpc("tasks", "stop", {"task": task}, broker_url, caller, prefix)]))
+
+
+@task_app.command("delete")
+def task_delete(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Delete a task (stopping it first)."""
+    _rpc("tasks", "delete", {"task": task}, broker_url, caller, prefix)
+    console.print(f"deleted {task}")
+
+
+@task_app.command("events")
+def task_events(task: str, output: Optional[Path] = typer.Option(None, "--json", help="Write events.json here."),
+                broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """The task's timeline (each step with its time); --json writes all events."""
+    from rich.table import Table
+
+    result = _rpc("events", "list", {"task": task}, broker_url, caller, prefix)
+    if output:
+        output.write_text(json.dumps(result, indent=2))
+    table = Table("step", "component", "device", "t (s)", "Δ (s)")
+    for row in result["timeline"]:
+        table.add_row(row["step"], row["component"], row["device"] or "", f"{row['t_s']:.3f}", f"{row['delta_s']:.3f}")
+    console.print(table)
+
+
+@device_app.command("list")
+def device_list(online: Optional[bool] = typer.Option(None, "--online/--offline", help="Filter by presence."),
+                broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """List devices."""
+    from rich.table import Table
+
+    rows = _rpc("devices", "list", {} if online is None else {"online": online}, broker_url, caller, prefix)
+    table = Table("device", "online", "last seen", "disconnects", "data", "cpus", "memory MB", "task", "accuracy")
+    for r in rows:
+        info = r["info"] or {}
+        table.add_row(r["id"], "[green]yes[/]" if r["online"] else "[red]no[/]", _ago(r["last_seen"]),
+                      str(r["disconnections"]), str(info.get("data_quantity", "-")), str(info.get("cpu_count", "-")),
+                      str(round(info["memory_mb"])) if info.get("memory_mb") else "-",
+                      info.get("current_task") or "-",
+                      f"{info['accuracy']:.3f}" if isinstance(info.get("accuracy"), (int, float)) else "-")
+    console.print(table)
+
+
+@device_app.command("get")
+def device_get(device: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Show one device as JSON."""
+    sys.stdout.write(json.dumps(_rpc("devices", "get_info", {"device": device}, broker_url, caller, prefix), indent=2) + "\n")
 
 
 # --- keys and bundles --------------------------------------------------------------------------

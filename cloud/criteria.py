@@ -1,0 +1,207 @@
+"""Selection criteria: AGATA-style boolean expressions over device info, evaluated safely.
+
+    data_quantity >= 100 and memory_mb > 512 and has("torch>=2.2")
+    region in ["eu", "br"] and not info["battery_low"]
+
+Parsed once with ``ast`` (at create/update, so a bad criterion is refused with the position of
+the error) and evaluated by walking a small whitelist of node types -- never ``eval``.  There is
+no attribute access, no call outside ``has``/``get``/``len``/``lower``, no comprehension or lambda,
+and the size and depth of an expression are bounded.  A criterion that fails at evaluation (a
+type mismatch against one device's info) is simply false for that device.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+MAX_LENGTH = 2000
+MAX_NODES = 200
+MAX_DEPTH = 16
+MAX_COLLECTION = 64
+
+_COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}
+_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.Compare,
+            ast.Name, ast.Load, ast.Constant, ast.List, ast.Tuple, ast.Call, ast.Subscript,
+            *_COMPARE)
+FUNCTIONS = ("has", "get", "len", "lower")
+
+
+class CriteriaError(ValueError):
+    def __init__(self, message: str, position: int | None = None) -> None:
+        where = f" at position {position}" if position is not None else ""
+        super().__init__(f"invalid criteria{where}: {message}")
+        self.position = position
+
+
+class _EvalError(Exception):
+    pass
+
+
+def has_package(packages: Any, spec: str) -> bool:
+    """``has("torch>=2.2")``: the device reports the package at a version the spec admits."""
+    if not isinstance(packages, dict):
+        return False
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement:
+        return False
+    version = packages.get(requirement.name) or packages.get(requirement.name.lower())
+    if not isinstance(version, str):
+        return False
+    try:
+        return requirement.specifier.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
+@dataclass(frozen=True)
+class Criteria:
+    source: str
+    tree: ast.Expression | None
+
+    def matches(self, info: dict[str, Any]) -> bool:
+        if self.tree is None:
+            return True
+        try:
+            return bool(_evaluate(self.tree.body, info))
+        except (_EvalError, TypeError, ValueError, KeyError, IndexError, RecursionError):
+            return False
+
+
+def _check(node: ast.AST, depth: int, counter: list[int]) -> None:
+    counter[0] += 1
+    if counter[0] > MAX_NODES:
+        raise CriteriaError(f"expression has more than {MAX_NODES} parts", getattr(node, "col_offset", None))
+    if depth > MAX_DEPTH:
+        raise CriteriaError(f"expression nests deeper than {MAX_DEPTH}", getattr(node, "col_offset", None))
+    position = getattr(node, "col_offset", None)
+    if not isinstance(node, _ALLOWED):
+        raise CriteriaError(f"{type(node).__name__} is not allowed (only comparisons, and/or/not, "
+                            f"names, literals and {', '.join(FUNCTIONS)}())", position)
+    if isinstance(node, ast.Name) and node.id.startswith("_"):
+        raise CriteriaError(f"name {node.id!r} is not allowed", position)
+    if isinstance(node, ast.Constant) and not isinstance(node.value, (str, int, float, bool, type(None))):
+        raise CriteriaError("only str, number, bool and None literals are allowed", position)
+    if isinstance(node, ast.Call):
+        if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS or node.keywords:
+            raise CriteriaError(f"only calls to {', '.join(FUNCTIONS)}() with plain arguments are allowed", position)
+        for arg in node.args:
+            _check(arg, depth + 1, counter)
+        return
+    if isinstance(node, ast.Subscript):
+        if not isinstance(node.slice, ast.Constant) or not isinstance(node.slice.value, (str, int)):
+            raise CriteriaError("subscripts must be a literal key, like info[\"gpu\"]", position)
+    if isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) > MAX_COLLECTION:
+        raise CriteriaError(f"lists may hold at most {MAX_COLLECTION} items", position)
+    for child in ast.iter_child_nodes(node):
+        _check(child, depth + 1, counter)
+
+
+def parse_criteria(source: str) -> Criteria:
+    """Validate once; raises ``CriteriaError`` with the position of the problem."""
+    if not isinstance(source, str):
+        raise CriteriaError("criteria must be a string")
+    if not source.strip():
+        return Criteria("", None)
+    if len(source) > MAX_LENGTH:
+        raise CriteriaError(f"criteria longer than {MAX_LENGTH} characters")
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise CriteriaError(exc.msg, (exc.offset or 1) - 1) from None
+    except (RecursionError, MemoryError, ValueError):
+        raise CriteriaError("expression too deeply nested") from None
+    _check(tree, 0, [0])
+    return Criteria(source, tree)
+
+
+def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
+    if isinstance(node, ast.BoolOp):
+        if isinstance(node.op, ast.And):
+            result: Any = True
+            for value in node.values:
+                result = _evaluate(value, info)
+                if not result:
+                    return result
+            return result
+        result = False
+        for value in node.values:
+            result = _evaluate(value, info)
+            if result:
+                return result
+        return result
+    if isinstance(node, ast.UnaryOp):
+        operand = _evaluate(node.operand, info)
+        return (not operand) if isinstance(node.op, ast.Not) else -operand
+    if isinstance(node, ast.Compare):
+        left = _evaluate(node.left, info)
+        for op, comparator in zip(node.ops, node.comparators):
+            right = _evaluate(comparator, info)
+            if (left is None or right is None) and isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
+                return False  # an unknown fact never satisfies an ordering
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.Name):
+        return info if node.id == "info" else info.get(node.id)
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_evaluate(e, info) for e in node.elts]
+    if isinstance(node, ast.Subscript):
+        container = _evaluate(node.value, info)
+        key = node.slice.value  # type: ignore[attr-defined]
+        if isinstance(container, dict):
+            return container.get(key)
+        if isinstance(container, list) and isinstance(key, int) and -len(container) <= key < len(container):
+            return container[key]
+        return None
+    if isinstance(node, ast.Call):
+        name = node.func.id  # type: ignore[attr-defined]
+        args = [_evaluate(a, info) for a in node.args]
+        if name == "has" and len(args) == 1 and isinstance(args[0], str):
+            return has_package(info.get("packages"), args[0])
+        if name == "get" and 1 <= len(args) <= 2 and isinstance(args[0], str):
+            return info.get(args[0], args[1] if len(args) == 2 else None)
+        if name == "len" and len(args) == 1 and isinstance(args[0], (str, list, dict)):
+            return len(args[0])
+        if name == "lower" and len(args) == 1 and isinstance(args[0], str):
+            return args[0].lower()
+        raise _EvalError(f"bad call to {name}")
+    raise _EvalError(type(node).__name__)
+
+
+def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:
+    """Match a task's requirements against what a device reports; (ok, why not)."""
+    for spec in requirements.get("packages") or []:
+        if not has_package(info.get("packages"), spec):
+            return False, f"needs {spec}"
+    python = requirements.get("python")
+    if python:
+        try:
+            from packaging.specifiers import SpecifierSet
+
+            if not SpecifierSet(python).contains(Version(str(info.get("python", "0"))), prereleases=True):
+                return False, f"needs Python {python}"
+        except (InvalidVersion, ValueError):
+            return False, f"needs Python {python}"
+    memory = requirements.get("memory_mb")
+    if memory is not None:
+        have = info.get("memory_mb")
+        if not isinstance(have, (int, float)) or have < memory:
+            return False, f"needs {memory} MB of memory"
+    for accelerator in requirements.get("accelerators") or []:
+        if accelerator not in (info.get("accelerators") or []):
+            return False, f"needs accelerator {accelerator}"
+    return True, ""

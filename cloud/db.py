@@ -1,0 +1,149 @@
+"""Persistence with peewee: SQLite file by default, PostgreSQL by URL.
+
+The program owns its schema: ``open_database`` creates it on first use and applies any pending
+migration, recording the version in ``schema_version`` -- nobody deletes database files by hand
+(AGATA's README asked users to before every run).  New migrations are appended to ``MIGRATIONS``
+and use ``playhouse.migrate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from peewee import (BooleanField, CharField, Database, DatabaseProxy, FloatField, IntegerField, Model,
+                    TextField, AutoField, CompositeKey)
+from playhouse.db_url import connect
+
+log = logging.getLogger("fedmq.cloud.db")
+
+proxy = DatabaseProxy()
+
+
+class JSONField(TextField):
+    """JSON in a text column: portable across SQLite and PostgreSQL."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = proxy
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+    applied_at = FloatField(default=time.time)
+
+
+class Device(BaseModel):
+    id = CharField(primary_key=True, max_length=128)
+    info = JSONField(default=dict)
+    online = BooleanField(default=False)
+    session = IntegerField(default=0)
+    last_seen = FloatField(null=True)
+    disconnections = IntegerField(default=0)
+    first_seen = FloatField(default=time.time)
+    info_updated = FloatField(null=True)
+
+
+class Task(BaseModel):
+    id = CharField(primary_key=True, max_length=128)
+    name = CharField(max_length=128)
+    bundle = CharField(max_length=64)
+    state = CharField(max_length=16, default="created", index=True)
+    revision = IntegerField(default=1)
+    criteria = TextField(default="")
+    requirements = JSONField(default=dict)
+    args = JSONField(default=dict)
+    tags = JSONField(default=list)
+    priority = IntegerField(default=0)
+    flower_host = CharField(max_length=255)
+    flower_port = IntegerField(null=True)
+    auto_port = BooleanField(default=True)
+    created = FloatField(default=time.time)
+    updated = FloatField(default=time.time)
+    started_at = FloatField(null=True)
+    finished_at = FloatField(null=True)
+    current_round = IntegerField(default=0)
+    total_rounds = IntegerField(null=True)
+    last_error = TextField(null=True)
+    metrics = JSONField(default=dict)
+    server_pid = IntegerField(null=True)
+    run = IntegerField(default=0)
+
+
+class TaskDevice(BaseModel):
+    """Which devices a task was offered to or ran on, so a stop reaches them."""
+
+    task = CharField(max_length=128)
+    device = CharField(max_length=128)
+    state = CharField(max_length=16)
+    updated = FloatField(default=time.time)
+
+    class Meta:
+        primary_key = CompositeKey("task", "device")
+
+
+class Event(BaseModel):
+    id = AutoField()
+    ts = FloatField(index=True)
+    component = CharField(max_length=128)
+    kind = CharField(max_length=64, index=True)
+    task = CharField(max_length=128, null=True, index=True)
+    device = CharField(max_length=128, null=True)
+    run = IntegerField(null=True)
+    data = JSONField(default=dict)
+
+
+def _v1(db: Database) -> None:
+    db.create_tables([Device, Task, TaskDevice, Event])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(db: Database) -> int:
+    if not db.table_exists("schemaversion"):
+        return 0
+    row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+    return row.version if row else 0
+
+
+def migrate(db: Database) -> int:
+    """Apply pending migrations in one transaction each; returns the resulting version."""
+    db.create_tables([SchemaVersion])
+    version = current_version(db)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema v{version} is newer than this fedmq (v{SCHEMA_VERSION}); upgrade fedmq")
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        with db.atomic():
+            MIGRATIONS[number - 1](db)
+            SchemaVersion.create(version=number)
+        log.info("database migrated to schema v%d", number)
+    return SCHEMA_VERSION
+
+
+def open_database(url: str | None, home: Path) -> Database:
+    """``url``: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``; default
+    ``<home>/fedmq.db``."""
+    if not url:
+        home.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{home / 'fedmq.db'}"
+    if url.startswith("sqlite"):
+        db = connect(url, pragmas={"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000},
+                     check_same_thread=False)
+    else:
+        db = connect(url)
+    proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    migrate(db)
+    return db
