@@ -13,6 +13,7 @@ type mismatch against one device's info) is simply false for that device.
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -47,21 +48,32 @@ class _EvalError(Exception):
     pass
 
 
-def has_package(packages: Any, spec: str) -> bool:
-    """``has("torch>=2.2")``: the device reports the package at a version the spec admits."""
-    if not isinstance(packages, dict):
-        return False
+@functools.lru_cache(maxsize=4096)
+def _requirement(spec: str) -> Requirement | None:
     try:
-        requirement = Requirement(spec)
+        return Requirement(spec)
     except InvalidRequirement:
-        return False
-    version = packages.get(requirement.name) or packages.get(requirement.name.lower())
-    if not isinstance(version, str):
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _satisfies(spec: str, version: str) -> bool:
+    requirement = _requirement(spec)
+    if requirement is None:
         return False
     try:
         return requirement.specifier.contains(Version(version), prereleases=True)
     except InvalidVersion:
         return False
+
+
+def has_package(packages: Any, spec: str) -> bool:
+    """``has("torch>=2.2")``: the device reports the package at a version the spec admits."""
+    requirement = _requirement(spec) if isinstance(spec, str) else None
+    if not isinstance(packages, dict) or requirement is None:
+        return False
+    version = packages.get(requirement.name) or packages.get(requirement.name.lower())
+    return isinstance(version, str) and _satisfies(spec, version)
 
 
 @dataclass(frozen=True)

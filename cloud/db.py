@@ -139,7 +139,8 @@ def open_database(url: str | None, home: Path) -> Database:
         home.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{home / 'fedmq.db'}"
     if url.startswith("sqlite"):
-        db = connect(url, pragmas={"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000},
+        db = connect(url, pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1,
+                                  "busy_timeout": 5000},
                      check_same_thread=False)
     else:
         db = connect(url)

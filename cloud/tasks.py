@@ -88,6 +88,17 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+SNAPSHOT_TTL_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Offerable:
+    id: str
+    criteria: Criteria
+    requirements: dict[str, Any]
+    offer: dict[str, Any]
+
+
 @dataclass
 class _Running:
     process: TaskProcess
@@ -104,6 +115,8 @@ class TaskManager:
         self._running: dict[str, _Running] = {}
         self._criteria: dict[tuple[str, int], Criteria] = {}
         self._lock = threading.RLock()
+        self._snapshot: list[_Offerable] = []
+        self._snapshot_at = 0.0
 
     # --- helpers ---------------------------------------------------------------------------
     def _get(self, task_id: str) -> Task:
@@ -207,6 +220,7 @@ class TaskManager:
             task.revision += 1
             task.updated = time.time()
             task.save()
+            self._invalidate()
         if "bundle" in changes:
             self.publisher.publish(task.bundle)
         self.announce(task)
@@ -220,6 +234,7 @@ class TaskManager:
         with proxy.atomic():
             Task.delete().where(Task.id == task_id).execute()
             TaskDevice.delete().where(TaskDevice.task == task_id).execute()
+        self._invalidate()
         self.connection.publish(self.topics.task(task_id), b"", qos=1, retain=True)
         if not Task.select().where(Task.bundle == task.bundle).exists() and self.store.has(task.bundle):
             manifest = self.store.manifest(task.bundle)
@@ -260,6 +275,7 @@ class TaskManager:
             task.server_pid = process.process.pid if process.process else None
             task.updated = time.time()
             task.save()
+            self._invalidate()
         self.announce(task)
         self.events.record("task_started", task=task_id, run=run,
                            data={"flower": f"{task.flower_host}:{port}", "revision": task.revision})
@@ -298,6 +314,7 @@ class TaskManager:
             if state == FAILED:
                 task.last_error = reason
             task.save()
+            self._invalidate()
             self._running.pop(task_id, None)
         self.announce(task)
         kind = {FINISHED: "task_finished", FAILED: "task_failed", STOPPED: "task_stopped"}[state]
@@ -343,36 +360,55 @@ class TaskManager:
             self.events.record(f"server_{event.kind}", task=task_id, run=run, data=data)
 
     # --- devices asking for work ---------------------------------------------------------------
+    def _invalidate(self) -> None:
+        self._snapshot_at = 0.0
+
+    def _offerable(self) -> list["_Offerable"]:
+        """Running tasks, parsed, by priority then age.  Rebuilt when a task changes here, and at
+        least every second (another replica behind a shared subscription may have changed one)."""
+        now = time.monotonic()
+        if now - self._snapshot_at > SNAPSHOT_TTL_S:
+            rows = Task.select().where(Task.state == RUNNING).order_by(Task.priority.desc(), Task.created)
+            snapshot = []
+            for task in rows:
+                try:
+                    criteria = self._criteria_for(task)
+                except CriteriaError:
+                    log.error("task %s has unparseable criteria; it is never offered", task.id)
+                    continue
+                snapshot.append(_Offerable(task.id, criteria, task.requirements or {}, {
+                    "id": task.id, "name": task.name, "revision": task.revision, "bundle": task.bundle,
+                    "flower": f"{task.flower_host}:{task.flower_port}", "args": task.args,
+                    "priority": task.priority, "run": task.run}))
+            self._snapshot, self._snapshot_at = snapshot, now
+        return self._snapshot
+
     def request(self, device_id: str) -> list[dict[str, Any]]:
         device = Device.get_or_none(Device.id == device_id)
         if device is None:
             raise RpcError(ErrorCode.NOT_FOUND, f"unknown device {device_id!r}: report with devices.update_info first")
         info = flat_info(device)
-        offers, skipped = [], {}
-        running = Task.select().where(Task.state == RUNNING).order_by(Task.priority.desc(), Task.created)
-        for task in running:
+        offers = []
+        for task in self._offerable():
             try:
-                if not self._criteria_for(task).matches(info):
-                    skipped[task.id] = "criteria"
+                if not task.criteria.matches(info) or not requirements_met(task.requirements, info)[0]:
                     continue
-                ok, why = requirements_met(task.requirements or {}, info)
             except Exception:  # one bad task never breaks the request for the others
                 log.exception("evaluating task %s for %s failed", task.id, device_id)
-                skipped[task.id] = "error"
                 continue
-            if not ok:
-                skipped[task.id] = why
-                continue
-            offers.append({"id": task.id, "name": task.name, "revision": task.revision, "bundle": task.bundle,
-                           "flower": f"{task.flower_host}:{task.flower_port}", "args": task.args,
-                           "priority": task.priority, "run": task.run})
-        now = time.time()
-        for offer in offers:
-            TaskDevice.insert(task=offer["id"], device=device_id, state="offered", updated=now).on_conflict(
-                conflict_target=[TaskDevice.task, TaskDevice.device],
-                update={TaskDevice.state: "offered", TaskDevice.updated: now}).execute()
-            self.events.record("device_requested", task=offer["id"], device=device_id,
-                               data={"offered": [o["id"] for o in offers]})
+            offers.append(dict(task.offer))
+        # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
+        known = {row.task: row.state for row in TaskDevice.select().where(TaskDevice.device == device_id)}
+        fresh = [o for o in offers if known.get(o["id"]) not in ("offered", "running")]
+        if fresh:
+            now = time.time()
+            with proxy.atomic():
+                for offer in fresh:
+                    TaskDevice.insert(task=offer["id"], device=device_id, state="offered", updated=now).on_conflict(
+                        conflict_target=[TaskDevice.task, TaskDevice.device],
+                        update={TaskDevice.state: "offered", TaskDevice.updated: now}).execute()
+                    self.events.record("device_requested", task=offer["id"], device=device_id,
+                                       data={"offered": [o["id"] for o in offers]})
         return offers
 
     def on_task_event(self, message: mqtt.MQTTMessage) -> None:
@@ -416,6 +452,7 @@ class TaskManager:
             task.finished_at = task.updated = time.time()
             task.server_pid = None
             task.save()
+            self._invalidate()
             self.events.record("task_failed", task=task.id, run=task.run, data={"reason": task.last_error})
             self._command_devices(task, "stop", task.last_error)
             failed.append(task.id)
