@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -111,8 +112,18 @@ class MqttConnection:
     """A supervised paho client: connect once, stay connected, restore subscriptions."""
 
     def __init__(self, client_id: str, settings: BrokerSettings | str = DEFAULT_URL, *,
-                 persistent: bool = False, will: Will | None = None) -> None:
+                 persistent: bool = False, will: Will | None = None,
+                 will_factory: Callable[[], Will] | None = None,
+                 alternates: list[str] | None = None) -> None:
+        """``will_factory`` is asked for a fresh last will before every (re)connect (presence
+        with a session counter needs that); ``alternates`` are further broker URLs (host and port
+        are taken from them) tried in turn when a connection attempt fails."""
         self.settings = BrokerSettings.from_url(settings) if isinstance(settings, str) else settings
+        self.will_factory = will_factory
+        self._endpoints = [(self.settings.host, self.settings.port)] + [
+            (s.host, s.port) for s in (BrokerSettings.from_url(u) for u in alternates or [])]
+        self._endpoint = 0
+        self._failed_attempts = 0
         self.client_id = client_id
         self.persistent = persistent
         self.connected = threading.Event()
@@ -122,6 +133,7 @@ class MqttConnection:
         self._lock = threading.Lock()
         self._connect_listeners: list[Callable[[bool], None]] = []
         self._last_refusal: str | None = None
+        self._resubscribed = threading.Event()
         self._started = False
 
         protocol = MQTTProtocolVersion.MQTTv5 if self.settings.protocol == 5 else MQTTProtocolVersion.MQTTv311
@@ -139,6 +151,7 @@ class MqttConnection:
                                 keyfile=self.settings.key_file, cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             self.client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self.client.on_pre_connect = self._on_pre_connect
         self.client.on_socket_open = self._on_socket_open
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -164,7 +177,8 @@ class MqttConnection:
                 clean_start = False
             else:
                 clean_start = True
-        self.client.connect_async(self.settings.host, self.settings.port,
+        host, port = self._endpoints[self._endpoint]
+        self.client.connect_async(host, port,
                                   keepalive=self.settings.keepalive,
                                   clean_start=clean_start, properties=properties)
         self.client.loop_start()
@@ -175,8 +189,9 @@ class MqttConnection:
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.connected.wait(timeout):
             why = f" ({self._last_refusal})" if self._last_refusal else ""
+            where = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
             raise BrokerUnavailable(
-                f"no connection to the MQTT broker at {self.settings.url} within {timeout:g} s{why}")
+                f"no connection to the MQTT broker at {where} within {timeout:g} s{why}")
 
     def stop(self) -> None:
         """Disconnect cleanly (a clean disconnect does not fire the last will)."""
@@ -212,12 +227,22 @@ class MqttConnection:
             else:
                 return
         event = threading.Event()
+        generation = self.connect_count
         with self._lock:
             result, mid = self.client.subscribe(topic_filter, qos)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._sub_waiters[mid] = event
-        if wait and result == mqtt.MQTT_ERR_SUCCESS and not event.wait(timeout):
-            raise BrokerUnavailable(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if event.wait(0.05):
+                return
+            # Lost the connection meanwhile: the reconnect re-subscribes everything we hold,
+            # so that SUBACK counts as ours.
+            if self.connect_count != generation and self._resubscribed.wait(0.05):
+                return
+        raise BrokerUnavailable(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -240,6 +265,17 @@ class MqttConnection:
                 log.exception("message handler failed for topic %s", message.topic)
         return run
 
+    def _on_pre_connect(self, client: mqtt.Client, _userdata: Any) -> None:
+        # Runs in paho's thread before every connection attempt.
+        if self._failed_attempts > 0 and len(self._endpoints) > 1:
+            self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+            client.host, client.port = self._endpoints[self._endpoint]
+            log.info("%s trying broker %s:%s", self.client_id, client.host, client.port)
+        self._failed_attempts += 1
+        if self.will_factory is not None:
+            will = self.will_factory()
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
     @staticmethod
     def _on_socket_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         try:
@@ -254,10 +290,16 @@ class MqttConnection:
             log.warning("%s: %s", self.client_id, self._last_refusal)
             return
         self.connect_count += 1
+        self._failed_attempts = 0
         with self._lock:
             subs = list(self._subs.values())
-        if subs:
-            client.subscribe([(s.topic_filter, s.qos) for s in subs])
+            self._resubscribed = threading.Event()
+            if subs:
+                _, mid = client.subscribe([(s.topic_filter, s.qos) for s in subs])
+                if mid is not None:
+                    self._sub_waiters[mid] = self._resubscribed
+            else:
+                self._resubscribed.set()
         self.connected.set()
         session_present = bool(getattr(flags, "session_present", False))
         log.info("%s connected to %s (session present: %s)", self.client_id,

@@ -107,7 +107,7 @@ class EmbeddedBroker:
         loop = self._loop
         future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
         try:
-            future.result(timeout)
+            future.result(max(timeout, 10.0))
         except Exception:
             log.warning("embedded broker shutdown was not clean", exc_info=True)
         loop.call_soon_threadsafe(loop.stop)
@@ -120,21 +120,27 @@ class EmbeddedBroker:
         broker = self._broker
         if broker is None:
             return
-        try:
-            await broker.shutdown()
-        except (Exception, asyncio.CancelledError):
-            # amqtt's shutdown can be cancelled half-way by its own session tasks; the
-            # listeners must still be closed or a restart cannot bind the port again.
-            log.debug("amqtt shutdown raised", exc_info=True)
+        # Listeners first: the port is free at once, whatever amqtt's own shutdown does next.
         for server in list(broker._servers.values()):
             instance = getattr(server, "instance", None)
             if instance is not None:
                 instance.close()
+        try:
+            await asyncio.wait_for(broker.shutdown(), 5.0)
+        except (Exception, asyncio.CancelledError):
+            # amqtt's shutdown can hang on, or be cancelled by, its own session tasks.
+            log.debug("amqtt shutdown did not complete", exc_info=True)
+        # Whatever connections are left are cut, so clients notice at once (as with a real
+        # broker going down) instead of at their next keep-alive.
+        loop = asyncio.get_running_loop()
+        for transport in list(getattr(loop, "_transports", {}).values()):
+            if transport is not None and not transport.is_closing():
+                transport.abort()
         current = asyncio.current_task()
         pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.wait(pending, timeout=2.0) if pending else None
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop and start on the same port.  Like a real restart of amqtt, retained messages

@@ -319,7 +319,8 @@ class TaskManager:
         self.announce(task)
         kind = {FINISHED: "task_finished", FAILED: "task_failed", STOPPED: "task_stopped"}[state]
         self.events.record(kind, task=task_id, run=run, data={"reason": reason, "metrics": task.metrics})
-        self._command_devices(task, "stop", reason or state)
+        if state != FINISHED:  # after a normal finish the clients end with their Flower server
+            self._command_devices(task, "stop", reason or state)
         return task
 
     def _command_devices(self, task: Task, command: str, reason: str) -> None:
@@ -399,7 +400,7 @@ class TaskManager:
             offers.append(dict(task.offer))
         # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         known = {row.task: row.state for row in TaskDevice.select().where(TaskDevice.device == device_id)}
-        fresh = [o for o in offers if known.get(o["id"]) not in ("offered", "running")]
+        fresh = [o for o in offers if known.get(o["id"]) not in ("offered", "running", "failed")]
         if fresh:
             now = time.time()
             with proxy.atomic():

@@ -298,6 +298,73 @@ def device_get(device: str, broker_url: str = BrokerOpt, caller: str = CallerOpt
     sys.stdout.write(json.dumps(_rpc("devices", "get_info", {"device": device}, broker_url, caller, prefix), indent=2) + "\n")
 
 
+# --- demo ------------------------------------------------------------------------------------
+@app.command()
+def demo(broker_url: Optional[str] = typer.Option(None, "--broker", "-b",
+                                                  help="Use this broker instead of starting the embedded one."),
+         scenario: str = typer.Option("basic", help="basic (AGATA's experiment 1) or failover (experiment 2)."),
+         workdir: Path = typer.Option(Path("fedmq-demo"), help="Where logs, events.json and result.json go (emptied first)."),
+         rounds: int = typer.Option(5, help="Federated rounds of the digits task.")) -> None:
+    """Run the end-to-end demo: broker, cloud and two edges as processes; train digits; show the timeline."""
+    from fedmq.demo import DemoError, main as demo_main
+
+    logging.getLogger("fedmq").setLevel(logging.ERROR)
+    try:
+        summary = demo_main(broker_url, scenario, workdir, rounds, console)
+    except DemoError as exc:
+        err_console.print(f"[red]demo failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; every process the demo started has been stopped")
+        raise typer.Exit(130) from None
+    if summary["task"]["state"] != "finished":
+        raise typer.Exit(1)
+
+
+# --- edge ------------------------------------------------------------------------------------
+@app.command()
+def edge(device_id: Optional[str] = typer.Option(None, "--device-id", envvar="FEDMQ_DEVICE_ID", help="This device's id."),
+         config: Optional[Path] = typer.Option(None, "--config", envvar="FEDMQ_EDGE_CONFIG", help="TOML config file."),
+         broker_url: Optional[str] = typer.Option(None, "--broker", "-b", envvar="FEDMQ_BROKER", help="Broker URL."),
+         alternate: list[str] = typer.Option([], "--alternate", help="Another broker URL to fail over to; repeatable."),
+         prefix: Optional[str] = typer.Option(None, "--prefix", envvar="FEDMQ_PREFIX"),
+         work_dir: Optional[Path] = typer.Option(None, "--work-dir", envvar="FEDMQ_WORK_DIR",
+                                                 help="Bundle cache, run logs, state (default ./fedmq-edge)."),
+         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="FEDMQ_DATA_DIR", help="The device's data."),
+         trust: list[Path] = typer.Option([], "--trust", help="Trusted bundle signing key (.pub or folder); repeatable."),
+         allow_unsigned: Optional[bool] = typer.Option(None, "--allow-unsigned", help="Run unsigned bundles (development only)."),
+         policy: Optional[str] = typer.Option(None, "--policy", help="Task policy (at_most_one)."),
+         recheck_interval: Optional[float] = typer.Option(None, "--recheck-interval", help="Safety-net re-check, seconds."),
+         label: list[str] = typer.Option([], "--label", help="KEY=VALUE reported for selection; repeatable.")) -> None:
+    """Run the edge agent of this device in the foreground."""
+    import signal as _signal
+
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+    from ftdl.signing import SigningError
+
+    labels = {}
+    for item in label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
+        labels[key] = value
+    overrides = dict(device_id=device_id, broker=broker_url, alternates=alternate, prefix=prefix, work_dir=work_dir,
+                     data_dir=data_dir, trusted_keys=trust, allow_unsigned=allow_unsigned, policy=policy,
+                     recheck_interval_s=recheck_interval, labels=labels or None)
+    try:
+        agent = EdgeAgent(load_edge_config(config, overrides))
+    except (ValueError, SigningError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _signal.signal(_signal.SIGTERM, lambda *_: agent.stop())
+    console.print(f"fedmq edge {agent.device} -> {agent.config.broker} (policy {agent.config.policy})", highlight=False)
+    try:
+        agent.run()
+    except KeyboardInterrupt:
+        agent.stop()
+
+
 # --- keys and bundles --------------------------------------------------------------------------
 keys_app = typer.Typer(help="Operator signing keys.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Task bundles: push to the cloud, list, fetch, remove.", no_args_is_help=True)

@@ -13,6 +13,8 @@ this one file.
 from __future__ import annotations
 
 import os
+import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -164,13 +166,34 @@ class ReportingClient(fl.client.NumPyClient):
         return loss, num_examples, metrics
 
 
+def _wait_for_server(address: str, timeout_s: float) -> None:
+    """A device may be told of a task before its server listens (the server process is still
+    importing); the legacy gRPC transport fails at once on a refused connection, so wait here."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"the task's Flower server at {address} did not answer "
+                                      f"within {timeout_s:g} s: {exc}") from None
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+
+
 def join(client: fl.client.NumPyClient, *, address: str | None = None, max_wait_s: float = 120.0,
          reporter: TaskReporter | None = None) -> None:
     """Connect a NumPyClient to the task's Flower server and train until the server is done."""
     reporter = reporter or TaskReporter.get()
     wrapped = ReportingClient(client, reporter)
+    target = flower_address(address)
+    _wait_for_server(target, max_wait_s)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        fl.client.start_client(server_address=flower_address(address), client=wrapped.to_client(),
+        fl.client.start_client(server_address=target, client=wrapped.to_client(),
                                insecure=True, max_wait_time=max_wait_s)
     reporter.finish(rounds=wrapped.round)

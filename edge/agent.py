@@ -1,0 +1,315 @@
+"""``fedmq edge``: the long-running agent of one device.
+
+Event-driven, never polling in a loop: the agent sleeps on one ``threading.Event`` that is set
+by whatever may change the answer to "what should I run?" -- a task announcement, a command, a
+(re)connect, a client that ended, a round that changed the device's statistics -- with a slow
+periodic re-check (default 60 s) only as a safety net.  Each wake-up reports the device's info if
+it changed, asks ``tasks.request``, and lets the policy decide.
+
+Outbound connections only; presence is a retained birth on every connect and a retained last
+will, both carrying a session counter the agent keeps on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from broker import codec
+from broker.connection import MqttConnection, Will
+from broker.envelope import RpcError
+from broker.presence import OFFLINE, ONLINE, Presence
+from broker.rpc_client import RpcClient
+from broker.topics import DEFAULT_PREFIX, Topics, TopicError, check_id
+from edge.bundle_fetch import BundleFetcher
+from edge.info import gather
+from edge.policy import get_policy
+from edge.state import AgentState
+from ftdl import TaskEvent, start_task
+from ftdl.bundle import BundleError
+from ftdl.manifest import ManifestError
+from ftdl.process import TaskProcess
+from ftdl.signing import TrustStore
+
+log = logging.getLogger("fedmq.edge")
+FINISH_GRACE_S = 15.0
+
+
+@dataclass
+class EdgeConfig:
+    device_id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    alternates: list[str] = field(default_factory=list)
+    prefix: str = DEFAULT_PREFIX
+    work_dir: Path = Path("fedmq-edge")
+    data_dir: Path | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    allow_unsigned: bool = False
+    policy: str = "at_most_one"
+    recheck_interval_s: float = 60.0
+    rpc_timeout_s: float = 10.0
+    labels: dict[str, Any] = field(default_factory=dict)
+    client_time_limit_s: float | None = None
+
+
+@dataclass
+class _Current:
+    task: str
+    revision: int
+    run: int
+    process: TaskProcess
+    stopping: bool = False
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.device = check_id(config.device_id, "device id")
+        self.topics = Topics(config.prefix)
+        self.work = Path(config.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state = AgentState.load(self.work / "state.json")
+        self.policy = get_policy(config.policy)
+        self._session = self.state.session
+        self.connection = MqttConnection(f"fedmq-edge-{self.device}", config.broker, persistent=True,
+                                         will_factory=self._will, alternates=config.alternates)
+        self.rpc = RpcClient(self.connection, self.device, self.topics)
+        trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else TrustStore()
+        self.fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache", trust=trust,
+                                     allow_unsigned=config.allow_unsigned, on_event=self._bundle_event)
+        self.announcements: dict[str, dict[str, Any]] = {}
+        self.current: _Current | None = None
+        self.task_stats: dict[str, dict[str, Any]] = {}
+        self._info_dirty = True
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._retry_at = 0.0
+        self._fetch_task: str | None = None
+        self.cycles = 0
+
+    # --- presence --------------------------------------------------------------------------
+    def _will(self) -> Will:
+        # Called by the connection before every connect: a new session each time.
+        self._session = self.state.next_session()
+        return Will(self.topics.device_state(self.device), Presence(OFFLINE, self._session).encode(),
+                    qos=1, retain=True)
+
+    def _on_connect(self, _session_present: bool) -> None:
+        self.connection.publish(self.topics.device_state(self.device), Presence(ONLINE, self._session).encode(),
+                                qos=1, retain=True)
+        self._info_dirty = True
+        self.wake()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Serve until ``stop()`` (or Ctrl-C in ``fedmq edge``)."""
+        self.connection.add_connect_listener(self._on_connect)
+        self.connection.start(wait=False)
+        self.connection.subscribe(self.topics.all_tasks(), self._on_announcement, qos=1, wait=False)
+        self.connection.subscribe(self.topics.device_cmd(self.device), self._on_command, qos=1, wait=False)
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self._next_timeout())
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                if not self.connection.connected.is_set():
+                    continue
+                self.cycles += 1
+                self._cycle()
+        finally:
+            self._shutdown()
+
+    def _next_timeout(self) -> float:
+        if self._retry_at:
+            return max(0.05, min(self.config.recheck_interval_s, self._retry_at - time.time()))
+        return self.config.recheck_interval_s
+
+    def _shutdown(self) -> None:
+        current = self.current
+        if current is not None:
+            current.stopping = True
+            current.process.stop(grace_s=5.0)
+        if self.connection.connected.is_set():
+            # A clean disconnect fires no last will: say goodbye ourselves.
+            self.connection.publish(self.topics.device_state(self.device),
+                                    Presence(OFFLINE, self._session).encode(), qos=1, retain=True).wait_for_publish(5)
+        self.connection.stop()
+
+    # --- the decision cycle --------------------------------------------------------------------
+    def _cycle(self) -> None:
+        self._retry_at = 0.0
+        try:
+            if self._info_dirty:
+                self._info_dirty = False
+                self.rpc.call("devices", "update_info", {"info": self.info()}, timeout=self.config.rpc_timeout_s)
+            offers = self.rpc.call("tasks", "request", timeout=self.config.rpc_timeout_s)
+        except RpcError as exc:
+            # The cloud may be restarting or the broker away: try again soon, without spinning.
+            self._info_dirty = True
+            self._retry_at = time.time() + 3.0
+            log.warning("%s: cloud not answering (%s); retrying", self.device, exc)
+            return
+        with self._lock:
+            running = {self.current.task} if self.current else set()
+        revisions = {o["id"]: o["revision"] for o in offers}
+        for offer in self.policy(offers, running, self.state.blocked(revisions)):
+            self._start(offer)
+            if self.current is not None:
+                break
+
+    def info(self) -> dict[str, Any]:
+        return gather(self.config.data_dir, self.work, self.config.labels, self.task_stats,
+                      self.current.task if self.current else None)
+
+    def _start(self, offer: dict[str, Any]) -> None:
+        task, revision, run = offer["id"], offer["revision"], offer.get("run", 0)
+        self._fetch_task = task
+        try:
+            result = self.fetcher.fetch(offer["bundle"])
+        except BundleError as exc:
+            # A bundle we must not run is this task failing here: quarantine and move on.
+            self._failed(task, revision, f"bundle refused ({exc.code}): {exc.message}")
+            return
+        finally:
+            self._fetch_task = None
+        if not result.cached:
+            self.publish_event(task, "bundle_fetched", {"seconds": result.seconds, "bytes": result.bytes,
+                                                        "downloaded_chunks": result.downloaded_chunks,
+                                                        "reused_chunks": result.reused_chunks}, run)
+        if self._stale(task, run):
+            return
+        try:
+            process = start_task(
+                result.path, "client", task_id=task, log_dir=self.work / "runs" / task / str(run),
+                on_event=lambda event: self._client_event(task, revision, run, event),
+                args=offer.get("args") or {}, data_dir=self.config.data_dir,
+                env={"FEDMQ_FLOWER_ADDRESS": offer["flower"]},
+                rpc={"broker": self.config.broker, "prefix": self.config.prefix, "caller": self.device},
+                time_limit_s=self.config.client_time_limit_s)
+        except (ManifestError, OSError) as exc:
+            self._failed(task, revision, f"cannot start the client: {exc}")
+            return
+        with self._lock:
+            self.current = _Current(task, revision, run, process)
+        self._info_dirty = True
+        self.publish_event(task, "client_started", {"revision": revision, "flower": offer["flower"]}, run)
+
+    def _stale(self, task: str, run: int) -> bool:
+        announced = self.announcements.get(task)
+        return announced is not None and (announced.get("state") != "running" or announced.get("run", run) != run)
+
+    def _failed(self, task: str, revision: int, cause: str, run: int | None = None) -> None:
+        entry = self.state.quarantine_task(task, revision, cause)
+        self.publish_event(task, "client_error", {"cause": cause, "quarantined_until": entry.until,
+                                                  "failures": entry.failures}, run)
+        log.warning("%s: task %s failed here (%s); quarantined for %.0f s", self.device, task, cause,
+                    entry.until - time.time())
+        self.wake()  # the next eligible task starts at once
+
+    # --- events from the client process -----------------------------------------------------
+    def _client_event(self, task: str, revision: int, run: int, event: TaskEvent) -> None:
+        data = event.data
+        if event.kind == "stats":
+            metrics = data.get("metrics") or {}
+            stats = self.task_stats.setdefault(task, {})
+            stats["round"] = data.get("round")
+            for key in ("accuracy", "loss", "num_examples"):
+                if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool):
+                    stats[key] = metrics[key]
+            if isinstance(metrics.get("num_examples"), int):
+                stats["contribution"] = float(metrics["num_examples"])
+            self.publish_event(task, "client_round", data, run)
+            if "loss" in metrics:  # an evaluate closed the round: refresh what the cloud knows
+                self._info_dirty = True
+                self.wake()
+        elif event.kind == "exit":
+            with self._lock:
+                current = self.current
+                if current is not None and current.task == task and current.run == run:
+                    self.current = None
+            stopped = bool(current and current.stopping) or data.get("stopped")
+            if data.get("ok"):
+                self.publish_event(task, "client_finished", {"duration_s": data.get("duration_s")}, run)
+            elif stopped:
+                self.publish_event(task, "client_stopped", {"cause": data.get("cause")}, run)
+            else:
+                self._failed(task, revision, str(data.get("cause")), run)
+            self._info_dirty = True
+            self.wake()
+        elif event.kind in ("error", "progress", "info", "trigger_result", "trigger_refused"):
+            kind = "client_error_report" if event.kind == "error" else f"client_{event.kind}"
+            self.publish_event(task, kind, data, run)
+
+    def _bundle_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "bundle_refused" and self._fetch_task:
+            self.publish_event(self._fetch_task, kind, data)
+
+    def publish_event(self, task: str, kind: str, data: dict[str, Any], run: int | None = None) -> None:
+        body = {"ts": time.time(), "component": f"edge.{self.device}", "kind": kind, "task": task,
+                "device": self.device, "run": run, "data": data}
+        self.connection.publish(self.topics.task_events(task), codec.encode(body, codec.Codec.JSON), qos=1)
+
+    # --- what the broker tells us -----------------------------------------------------------
+    def _on_announcement(self, message: mqtt.MQTTMessage) -> None:
+        task = message.topic.rsplit("/", 1)[-1]
+        if not message.payload:
+            self.announcements.pop(task, None)
+            self._stop_if_current(task, "the task was deleted")
+            self.wake()
+            return
+        try:
+            check_id(task, "task")
+            body, _ = codec.decode(message.payload)
+        except (TopicError, codec.CodecError):
+            return
+        if not isinstance(body, dict):
+            return
+        self.announcements[task] = body
+        current = self.current
+        if current is not None and current.task == task and (
+                body.get("state") != "running" or body.get("run", current.run) != current.run):
+            # A finished server lets its clients end by themselves; anything else stops them now.
+            finished = body.get("state") == "finished" and body.get("run", current.run) == current.run
+            self._stop_if_current(task, f"the task is {body.get('state')}", grace_s=FINISH_GRACE_S if finished else 0.0)
+        self.wake()
+
+    def _on_command(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            body, _ = codec.decode(message.payload)
+        except codec.CodecError:
+            return
+        if not isinstance(body, dict):
+            return
+        if body.get("cmd") == "stop" and isinstance(body.get("task"), str):
+            self._stop_if_current(body["task"], str(body.get("reason", "stop command")))
+        self.wake()
+
+    def _stop_if_current(self, task: str, reason: str, grace_s: float = 0.0) -> None:
+        with self._lock:
+            current = self.current
+            if current is None or current.task != task or current.stopping:
+                return
+
+        def stop() -> None:  # off paho's thread: stopping waits for the child
+            if grace_s and current.process.wait(grace_s) is not None:
+                return  # it ended by itself
+            current.stopping = True
+            log.info("%s: stopping %s: %s", self.device, task, reason)
+            current.process.stop(grace_s=5.0)
+
+        threading.Thread(target=stop, daemon=True).start()
