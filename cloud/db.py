@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from peewee import (BooleanField, CharField, Database, DatabaseProxy, FloatField, IntegerField, Model,
                     TextField, AutoField, CompositeKey)
+from peewee import ImproperlyConfigured
 from playhouse.db_url import connect
 
 log = logging.getLogger("fedmq.cloud.db")
@@ -143,8 +144,16 @@ def open_database(url: str | None, home: Path) -> Database:
                                   "busy_timeout": 5000},
                      check_same_thread=False)
     else:
-        db = connect(url)
+        try:
+            db = connect(url)
+        except ImproperlyConfigured:
+            raise RuntimeError(f"the database URL {url.split('@')[-1]!r} needs a driver: "
+                               "pip install 'fedmq[postgres]'") from None
     proxy.initialize(db)
-    db.connect(reuse_if_open=True)
+    try:
+        db.connect(reuse_if_open=True)
+    except ImproperlyConfigured:
+        raise RuntimeError(f"the database URL {url.split('@')[-1]!r} needs a driver: "
+                           "pip install 'fedmq[postgres]'") from None
     migrate(db)
     return db

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from broker import codec
 from broker.envelope import ErrorCode, RpcError
 from broker.rpc_server import CallContext, Service
-from cloud.db import Task
+from cloud.db import Task, TaskDevice
 from cloud.events import EventLog, timeline
 from cloud.tasks import STATES, TaskManager, task_row
 
@@ -64,7 +64,10 @@ def make_task_service(manager: TaskManager) -> Service:
         query = Task.select().order_by(Task.priority.desc(), Task.created)
         if state:
             query = query.where(Task.state == state)
-        rows = [task_row(t) for t in query]
+        running: dict[str, int] = {}
+        for row in TaskDevice.select(TaskDevice.task).where(TaskDevice.state == "running"):
+            running[row.task] = running.get(row.task, 0) + 1
+        rows = [{**task_row(t), "devices": running.get(t.id, 0)} for t in query]
         return [r for r in rows if tag is None or tag in (r["tags"] or [])]
 
     @service.method
@@ -102,6 +105,28 @@ def make_task_service(manager: TaskManager) -> Service:
     def request(ctx: CallContext) -> list[dict[str, Any]]:
         """A device asks which tasks it may run: eligible running tasks, by priority then age."""
         return manager.request(ctx.caller)
+
+    @service.method
+    def runs(task: str) -> list[dict[str, Any]]:
+        """Every run of the task: parameters, bundle, start, end, final metrics."""
+        return manager.runs(task)
+
+    @service.method
+    def metrics(task: str, run: Annotated[int, Field(ge=1)] | None = None) -> dict[str, Any]:
+        """Per-round metrics of a run (default: the latest)."""
+        return manager.metrics(task, run)
+
+    @service.method
+    def logs(task: str, run: Annotated[int, Field(ge=1)] | None = None,
+             lines: Annotated[int, Field(ge=1, le=5000)] = 200) -> dict[str, Any]:
+        """The last lines of the run's server log."""
+        return manager.logs(task, run, lines)
+
+    @service.method
+    def model(task: str, run: Annotated[int, Field(ge=1)] | None = None, offset: Annotated[int, Field(ge=0)] = 0,
+              size: Annotated[int, Field(ge=1, le=128 * 1024)] = 128 * 1024) -> dict[str, Any]:
+        """A piece of the run's final global model (model.npz); offset 0 also gives its sha256."""
+        return manager.model_chunk(task, run, offset, size)
 
     return service
 

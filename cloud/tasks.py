@@ -37,11 +37,11 @@ from broker.net import free_port
 from broker.topics import Topics, TopicError, check_digest, check_id
 from cloud.bundle_store import BundlePublisher, BundleStore
 from cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
-from cloud.db import Device, Task, TaskDevice, proxy
+from cloud.db import Device, Event, Task, TaskDevice, proxy
 from cloud.devices import flat_info
 from cloud.events import EventLog
 from ftdl import TaskEvent, start_task
-from ftdl.bundle import BundleError, safe_unpack
+from ftdl.bundle import BundleError, file_digest as file_sha256, safe_unpack
 from ftdl.process import TaskProcess
 
 log = logging.getLogger("fedmq.cloud.tasks")
@@ -278,7 +278,8 @@ class TaskManager:
             self._invalidate()
         self.announce(task)
         self.events.record("task_started", task=task_id, run=run,
-                           data={"flower": f"{task.flower_host}:{port}", "revision": task.revision})
+                           data={"flower": f"{task.flower_host}:{port}", "revision": task.revision,
+                                 "bundle": task.bundle, "args": task.args, "criteria": task.criteria})
         return task
 
     def _unpacked(self, digest: str) -> Path:
@@ -438,6 +439,68 @@ class TaskManager:
             TaskDevice.insert(task=task_id, device=device, state=state, updated=time.time()).on_conflict(
                 conflict_target=[TaskDevice.task, TaskDevice.device],
                 update={TaskDevice.state: state, TaskDevice.updated: time.time()}).execute()
+
+    # --- run history ------------------------------------------------------------------------------
+    def runs(self, task_id: str) -> list[dict[str, Any]]:
+        """Each run of a task: when, with what, how it ended."""
+        self._get(task_id)
+        runs: dict[int, dict[str, Any]] = {}
+        ends = {"task_finished": FINISHED, "task_failed": FAILED, "task_stopped": STOPPED}
+        for event in Event.select().where((Event.task == task_id) & Event.kind.in_(["task_started", *ends]))\
+                .order_by(Event.ts):
+            if event.run is None:
+                continue
+            if event.kind == "task_started":
+                runs[event.run] = {"run": event.run, "started": event.ts, "finished": None, "state": RUNNING,
+                                   **{k: event.data.get(k) for k in ("bundle", "args", "criteria", "revision")}}
+            elif event.run in runs:
+                runs[event.run].update(finished=event.ts, state=ends[event.kind],
+                                       reason=event.data.get("reason"), metrics=event.data.get("metrics"))
+        return [runs[k] for k in sorted(runs)]
+
+    def _run_number(self, task_id: str, run: int | None) -> int:
+        task = self._get(task_id)
+        if run is None:
+            if not task.run:
+                raise RpcError(ErrorCode.NOT_FOUND, f"task {task_id} has not run yet")
+            return task.run
+        if not 1 <= run <= task.run:
+            raise RpcError(ErrorCode.NOT_FOUND, f"task {task_id} has no run {run} (runs 1..{task.run})")
+        return run
+
+    def metrics(self, task_id: str, run: int | None = None) -> dict[str, Any]:
+        """Per-round metrics of a run (the server's aggregated ones), one row per round."""
+        number = self._run_number(task_id, run)
+        rows: dict[int, dict[str, Any]] = {}
+        for event in Event.select().where((Event.task == task_id) & (Event.run == number) &
+                                          (Event.kind == "round_metrics")).order_by(Event.ts):
+            round_ = event.data.get("round")
+            if isinstance(round_, int):
+                rows.setdefault(round_, {"round": round_}).update(event.data.get("metrics") or {})
+        return {"task": task_id, "run": number, "rounds": [rows[k] for k in sorted(rows)]}
+
+    def run_dir(self, task_id: str, run: int | None) -> Path:
+        return self.settings.home / "runs" / task_id / str(self._run_number(task_id, run))
+
+    def logs(self, task_id: str, run: int | None, lines: int) -> dict[str, Any]:
+        folder = self.run_dir(task_id, run)
+        path = folder / f"{task_id}.server.log"
+        text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        return {"task": task_id, "run": int(folder.name), "lines": text[-lines:], "total_lines": len(text)}
+
+    def model_chunk(self, task_id: str, run: int | None, offset: int, size: int) -> dict[str, Any]:
+        folder = self.run_dir(task_id, run)
+        path = folder / "model.npz"
+        if not path.is_file():
+            raise RpcError(ErrorCode.NOT_FOUND, f"run {folder.name} of {task_id} saved no model "
+                                                "(it did not finish, or its server does not use ftdl.flower.serve)")
+        total = path.stat().st_size
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        digest = file_sha256(path) if offset == 0 else None
+        return {"task": task_id, "run": int(folder.name), "size": total, "offset": offset, "data": data,
+                "sha256": digest}
 
     # --- life of the cloud itself ------------------------------------------------------------------
     def reconcile(self) -> list[str]:

@@ -274,6 +274,91 @@ def task_events(task: str, output: Optional[Path] = typer.Option(None, "--json",
     console.print(table)
 
 
+@task_app.command("metrics")
+def task_metrics(task: str, run: Optional[int] = typer.Option(None, help="Run number (default: the latest)."),
+                 csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV file (default: TASK-runN-metrics.csv)."),
+                 plot: Optional[Path] = typer.Option(None, "--plot", help="Draw loss and accuracy per round to this PNG."),
+                 broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Per-round metrics of a run: a table, a CSV file and optionally a plot."""
+    import csv
+
+    from rich.table import Table
+
+    result = _rpc("tasks", "metrics", {"task": task, **({"run": run} if run else {})}, broker_url, caller, prefix)
+    rows = result["rounds"]
+    columns = ["round"] + sorted({k for r in rows for k in r} - {"round"})
+    table = Table(*columns, title=f"{task} run {result['run']}")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
+    console.print(table)
+    csv_path = csv_path or Path(f"{task}-run{result['run']}-metrics.csv")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    console.print(f"wrote {csv_path}")
+    if plot:
+        from fedmq.plots import plot_metrics
+
+        plot_metrics(rows, plot, f"{task} — run {result['run']}")
+        console.print(f"wrote {plot}")
+
+
+@task_app.command("model")
+def task_model(task: str, output: Path = typer.Option(..., "-o", "--output", help="Where to write model.npz."),
+               run: Optional[int] = typer.Option(None, help="Run number (default: the latest)."),
+               broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Download the final global model a run saved."""
+    import hashlib
+
+    client = rpc_client(broker_url, caller, prefix)
+    try:
+        args = {"task": task, **({"run": run} if run else {})}
+        first = call_or_exit(client, "tasks", "model", {**args, "offset": 0})
+        sha = hashlib.sha256(first["data"])
+        with output.open("wb") as out, _progress() as progress:
+            bar = progress.add_task(f"model {task}", total=first["size"])
+            out.write(first["data"])
+            progress.advance(bar, len(first["data"]))
+            offset = len(first["data"])
+            while offset < first["size"]:
+                part = call_or_exit(client, "tasks", "model", {**args, "offset": offset})
+                out.write(part["data"])
+                sha.update(part["data"])
+                offset += len(part["data"])
+                progress.advance(bar, len(part["data"]))
+    finally:
+        client.connection.stop()
+    if sha.hexdigest() != first["sha256"]:
+        output.unlink(missing_ok=True)
+        err_console.print("[red]error:[/red] the downloaded model does not match its digest")
+        raise typer.Exit(1)
+    console.print(f"wrote {output} ({first['size']} bytes, run {first['run']}, sha256 {first['sha256'][:16]}…)")
+
+
+@task_app.command("logs")
+def task_logs(task: str, run: Optional[int] = typer.Option(None, help="Run number (default: the latest)."),
+              lines: int = typer.Option(200, help="How many of the last lines."),
+              broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """The server log of a run."""
+    result = _rpc("tasks", "logs", {"task": task, "lines": lines, **({"run": run} if run else {})},
+                  broker_url, caller, prefix)
+    sys.stdout.write("\n".join(result["lines"]) + "\n")
+
+
+@task_app.command("runs")
+def task_runs(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Every run of a task."""
+    from rich.table import Table
+
+    table = Table("run", "state", "started", "duration", "bundle", "args")
+    for r in _rpc("tasks", "runs", {"task": task}, broker_url, caller, prefix):
+        duration = f"{r['finished'] - r['started']:.1f}s" if r.get("finished") else "-"
+        table.add_row(str(r["run"]), r["state"], _ago(r["started"]), duration, (r.get("bundle") or "")[:12],
+                      json.dumps(r.get("args") or {}))
+    console.print(table)
+
+
 @device_app.command("list")
 def device_list(online: Optional[bool] = typer.Option(None, "--online/--offline", help="Filter by presence."),
                 broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
@@ -319,6 +404,22 @@ def demo(broker_url: Optional[str] = typer.Option(None, "--broker", "-b",
         raise typer.Exit(130) from None
     if summary["task"]["state"] != "finished":
         raise typer.Exit(1)
+
+
+# --- dashboards ------------------------------------------------------------------------------
+@app.command()
+def dashboards(broker_url: str = BrokerOpt,
+               port: int = typer.Option(1880, help="HTTP port of Node-RED (dashboard at /dashboard)."),
+               user_dir: Path = typer.Option(Path("fedmq-dashboards"), "--user-dir",
+                                             help="Node-RED's folder (the flows are copied there at each start).")) -> None:
+    """Run Node-RED with the fedmq dashboards against a broker (installs Node-RED with npm if needed)."""
+    from fedmq.dashboards import DashboardError, run_node_red
+
+    try:
+        run_node_red(broker_url, port, user_dir, console)
+    except DashboardError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 # --- edge ------------------------------------------------------------------------------------

@@ -244,7 +244,12 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Cal
             events += cluster.call("events", "list", {"task": task})["events"]
     events.sort(key=lambda e: e["ts"])
     origin = min(e["ts"] for e in events)
+    try:
+        result_metrics = cluster.call("tasks", "metrics", {"task": "C"})["rounds"]
+    except Exception:  # noqa: BLE001 - a run with no rounds has nothing to draw
+        result_metrics = []
     result: dict[str, Any] = {
+        "metrics": result_metrics,
         "scenario": scenario, "task": final, "accuracy": final["metrics"].get("central_accuracy"),
         "timeline": _timeline_rows(events, origin), "events": events}
     if scenario == "failover":
@@ -290,6 +295,13 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
         cluster.stop()
         signal.signal(signal.SIGTERM, previous)
     (workdir / "events.json").write_text(json.dumps(result["events"], indent=2))
+    if result["metrics"]:
+        try:
+            from fedmq.plots import plot_metrics
+
+            plot_metrics(result["metrics"], workdir / "metrics.png", f"task C ({scenario}) — loss and accuracy per round")
+        except RuntimeError as exc:  # matplotlib not installed: the demo still stands
+            console.print(f"(no plot: {exc})")
     summary = {k: v for k, v in result.items() if k != "events"}
     (workdir / "result.json").write_text(json.dumps(summary, indent=2))
     table = Table("t (s)", "step", "task", "where", title=f"timeline ({scenario})")
@@ -301,5 +313,6 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
                   f"[bold]{result['accuracy']:.3f}[/bold]" if result["accuracy"] is not None else f"task C {state}")
     if scenario == "failover":
         console.print(f"failover (error on E -> C training), per device: {result['failover_s']}")
-    console.print(f"events: {workdir / 'events.json'}   summary: {workdir / 'result.json'}")
+    console.print(f"events: {workdir / 'events.json'}   summary: {workdir / 'result.json'}   "
+                  f"plot: {workdir / 'metrics.png'}")
     return summary

@@ -167,6 +167,32 @@ def test_finished_run_updates_state_rounds_and_metrics(embedded_broker: Any, clo
         op.call("tasks", "stop", {"task": "lin"})
     assert err.value.code is ErrorCode.CONFLICT
 
+    # The run's history: parameters, per-round metrics, logs, the final model.
+    runs = op.call("tasks", "runs", {"task": "lin"})
+    assert runs[0]["run"] == 1 and runs[0]["state"] == "finished" and runs[0]["args"] == {"rounds": 2}
+    assert runs[0]["bundle"] == digest
+    rows = op.call("tasks", "metrics", {"task": "lin"})["rounds"]
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["r2"] > 0.9 and "loss" in rows[0]
+    assert any("Flower" in line or "flwr" in line or "INFO" in line
+               for line in op.call("tasks", "logs", {"task": "lin"})["lines"])
+    env = {**os.environ, "FEDMQ_BROKER": embedded_broker.url, "COLUMNS": "200"}
+    model = tmp_path / "model.npz"
+    done = subprocess.run([*FEDMQ, "task", "model", "lin", "-o", str(model)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import numpy as np
+
+    assert np.load(model)["arr_0"].shape == (3,)
+    plot, csv_file = tmp_path / "lin.png", tmp_path / "lin.csv"
+    done = subprocess.run([*FEDMQ, "task", "metrics", "lin", "--csv", str(csv_file), "--plot", str(plot)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert plot.stat().st_size > 10_000 and csv_file.read_text().startswith("round,")
+    for bad in ({"task": "lin", "run": 7}, {"task": "nope"}):
+        with pytest.raises(RpcError) as err:
+            op.call("tasks", "metrics", bad)
+        assert err.value.code is ErrorCode.NOT_FOUND
+
 
 @pytest.fixture
 def bad_input_cloud(embedded_broker: Any, cloud_on: Any, client_factory: Any) -> dict[str, Any]:
