@@ -206,6 +206,7 @@ node(id="events-log", type="function", name="event log", outputs=1, wires=[["eve
 const task = flow.get('runTask') || flow.get('latestTask');
 const e = msg.payload;
 if (!e || typeof e !== 'object' || e.task !== task) return null;
+if (flow.get('eventLogTask') !== task) { flow.set('eventLogTask', task); flow.set('eventLog', []); }
 const log = flow.get('eventLog') || [];
 log.unshift({time: new Date(e.ts * 1000).toLocaleTimeString(), kind: e.kind, where: e.device || e.component,
              detail: JSON.stringify(e.data || {}).slice(0, 120)});
