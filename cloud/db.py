@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from peewee import (BooleanField, CharField, Database, DatabaseProxy, FloatField, IntegerField, Model,
                     TextField, AutoField, CompositeKey)
-from peewee import ImproperlyConfigured
+from peewee import ImproperlyConfigured, SqliteDatabase
 from playhouse.db_url import connect
 
 log = logging.getLogger("fedmq.cloud.db")
@@ -102,6 +102,16 @@ class Event(BaseModel):
     device = CharField(max_length=128, null=True)
     run = IntegerField(null=True)
     data = JSONField(default=dict)
+
+
+def write_transaction() -> Any:
+    """A transaction that reads then writes.  On SQLite it takes the write lock up front: a
+    deferred transaction that upgrades from reading to writing fails at once with "database is
+    locked" when another writer got in between, whatever the busy timeout."""
+    db = proxy.obj
+    if isinstance(db, SqliteDatabase):
+        return db.atomic(lock_type="IMMEDIATE")
+    return db.atomic()
 
 
 def _v1(db: Database) -> None:

@@ -21,7 +21,7 @@ from broker.envelope import ErrorCode, RpcError
 from broker.presence import ONLINE, Presence, newer
 from broker.rpc_server import CallContext, Service
 from broker.topics import Topics, TopicError, check_id
-from cloud.db import Device, proxy
+from cloud.db import Device, write_transaction
 from cloud.events import EventLog
 
 log = logging.getLogger("fedmq.cloud.devices")
@@ -92,7 +92,7 @@ class PresenceTracker:
         self.apply(device_id, presence)
 
     def apply(self, device_id: str, presence: Presence) -> bool:
-        with self._lock, proxy.atomic():
+        with self._lock, write_transaction():
             device, _ = Device.get_or_create(id=device_id)
             apply, dropped = newer(presence, device.session, device.online)
             if not apply:
@@ -117,7 +117,7 @@ def make_device_service(events: EventLog) -> Service:
         payload = info.model_dump(exclude_none=True)
         if len(codec.encode(payload)) > MAX_INFO_BYTES:
             raise RpcError(ErrorCode.INVALID_ARGS, f"info larger than {MAX_INFO_BYTES} bytes")
-        with proxy.atomic():
+        with write_transaction():
             device, created = Device.get_or_create(id=ctx.caller)
             device.info = payload
             device.info_updated = device.last_seen = time.time()

@@ -37,7 +37,7 @@ from broker.net import free_port
 from broker.topics import Topics, TopicError, check_digest, check_id
 from cloud.bundle_store import BundlePublisher, BundleStore
 from cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
-from cloud.db import Device, Event, Task, TaskDevice, proxy
+from cloud.db import Device, Event, Task, TaskDevice, write_transaction
 from cloud.devices import flat_info
 from cloud.events import EventLog
 from ftdl import TaskEvent, start_task
@@ -170,7 +170,7 @@ class TaskManager:
         merged_requirements = {**self._bundle_requirements(digest), **(requirements or {})}
         now = time.time()
         try:
-            with proxy.atomic():
+            with write_transaction():
                 Task.insert(id=task_id, name=name, bundle=digest, criteria=criteria,
                             requirements=merged_requirements, args=args or {}, tags=tags or [],
                             priority=priority, flower_host=flower_host or self.settings.flower_advertise,
@@ -231,7 +231,7 @@ class TaskManager:
         task = self._get(task_id)
         if task.state == RUNNING:
             self.stop(task_id, reason="deleted")
-        with proxy.atomic():
+        with write_transaction():
             Task.delete().where(Task.id == task_id).execute()
             TaskDevice.delete().where(TaskDevice.task == task_id).execute()
         self._invalidate()
@@ -404,7 +404,7 @@ class TaskManager:
         fresh = [o for o in offers if known.get(o["id"]) not in ("offered", "running", "failed")]
         if fresh:
             now = time.time()
-            with proxy.atomic():
+            with write_transaction():
                 for offer in fresh:
                     TaskDevice.insert(task=offer["id"], device=device_id, state="offered", updated=now).on_conflict(
                         conflict_target=[TaskDevice.task, TaskDevice.device],

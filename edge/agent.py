@@ -53,6 +53,7 @@ class EdgeConfig:
     allow_unsigned: bool = False
     policy: str = "at_most_one"
     recheck_interval_s: float = 60.0
+    report_interval_s: float = 300.0
     rpc_timeout_s: float = 10.0
     labels: dict[str, Any] = field(default_factory=dict)
     client_time_limit_s: float | None = None
@@ -91,6 +92,7 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._retry_at = 0.0
+        self._reported_at = 0.0
         self._fetch_task: str | None = None
         self.cycles = 0
 
@@ -154,8 +156,9 @@ class EdgeAgent:
     def _cycle(self) -> None:
         self._retry_at = 0.0
         try:
-            if self._info_dirty:
+            if self._info_dirty or time.time() - self._reported_at > self.config.report_interval_s:
                 self._info_dirty = False
+                self._reported_at = time.time()
                 self.rpc.call("devices", "update_info", {"info": self.info()}, timeout=self.config.rpc_timeout_s)
             offers = self.rpc.call("tasks", "request", timeout=self.config.rpc_timeout_s)
         except RpcError as exc:

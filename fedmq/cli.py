@@ -436,6 +436,8 @@ def edge(device_id: Optional[str] = typer.Option(None, "--device-id", envvar="FE
          allow_unsigned: Optional[bool] = typer.Option(None, "--allow-unsigned", help="Run unsigned bundles (development only)."),
          policy: Optional[str] = typer.Option(None, "--policy", help="Task policy (at_most_one)."),
          recheck_interval: Optional[float] = typer.Option(None, "--recheck-interval", help="Safety-net re-check, seconds."),
+         report_interval: Optional[float] = typer.Option(None, "--report-interval",
+                                                         help="Report device info at least this often, seconds."),
          label: list[str] = typer.Option([], "--label", help="KEY=VALUE reported for selection; repeatable.")) -> None:
     """Run the edge agent of this device in the foreground."""
     import signal as _signal
@@ -452,7 +454,7 @@ def edge(device_id: Optional[str] = typer.Option(None, "--device-id", envvar="FE
         labels[key] = value
     overrides = dict(device_id=device_id, broker=broker_url, alternates=alternate, prefix=prefix, work_dir=work_dir,
                      data_dir=data_dir, trusted_keys=trust, allow_unsigned=allow_unsigned, policy=policy,
-                     recheck_interval_s=recheck_interval, labels=labels or None)
+                     recheck_interval_s=recheck_interval, report_interval_s=report_interval, labels=labels or None)
     try:
         agent = EdgeAgent(load_edge_config(config, overrides))
     except (ValueError, SigningError) as exc:

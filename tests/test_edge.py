@@ -116,13 +116,13 @@ def wait(predicate: Any, timeout: float = 15.0) -> Any:
 
 def test_presence_births_and_last_wills_with_sessions(stack: dict[str, Any]) -> None:
     op, agent = stack["op"], stack["agent"]
-    row = wait(lambda: (r := op.call("devices", "get_info", {"device": "dev-x"}))["online"] and r)
+    row = wait(lambda: (r := op.call("devices", "get_info", {"device": "dev-x"}))["online"] and r["info"] and r)
     session = row["session"]
     sock = agent.connection.client.socket()
     sock.shutdown(socket.SHUT_RDWR)  # the link dies: the broker publishes the last will
     row = wait(lambda: (r := op.call("devices", "get_info", {"device": "dev-x"}))["session"] > session
                and r["online"] and r)
-    assert row["disconnections"] == 1 and row["info"]["data_quantity"] == 0
+    assert row["disconnections"] == 1 and row["info"]["cpu_count"] >= 1
 
 
 def test_an_idle_agent_does_not_spin(stack: dict[str, Any]) -> None:

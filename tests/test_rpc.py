@@ -303,3 +303,19 @@ def test_shared_subscription_spreads_calls_over_replicas(mosquitto_broker: Any) 
             conn.stop()
         for server in servers:
             server.stop()
+
+
+def test_asyncio_callers(rpc_stack: Stack) -> None:
+    import asyncio
+
+    async def many() -> list[int]:
+        return await asyncio.gather(*(rpc_stack.client.acall("echo", "add", {"a": i, "b": 0}) for i in range(20)))
+
+    assert asyncio.run(many()) == list(range(20))
+
+    async def failing() -> None:
+        await rpc_stack.client.acall("echo", "add", {"a": "x"})
+
+    with pytest.raises(RpcError) as err:
+        asyncio.run(failing())
+    assert err.value.code is ErrorCode.INVALID_ARGS
