@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.rpc import percentiles  # noqa: E402
+from bench.rpc import percentiles, run_threads  # noqa: E402
 from broker.connection import MqttConnection, new_client_id  # noqa: E402
 from broker.mosquitto import MosquittoProcess  # noqa: E402
 from broker.rpc_client import RpcClient  # noqa: E402
@@ -71,13 +71,7 @@ def timed_calls(clients: list[RpcClient], method: str, calls: int, threads: int)
             samples.extend(local)
             offered.extend(counts)
 
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_threads([threading.Thread(target=worker, args=(t,)) for t in range(threads)])
     out = {**percentiles(samples), "calls_per_s": round(len(samples) / elapsed, 1), "threads": threads}
     if offered:
         out["mean_tasks_offered"] = round(sum(offered) / len(offered), 2)

@@ -39,6 +39,16 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 3), "n": len(ordered)}
 
 
+def run_threads(workers: list[threading.Thread]) -> float:
+    """Start all, wait for all; seconds from the first start to the last end."""
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - start
+
+
 def raw_paho_round_trip(host: str, port: int, n: int) -> dict[str, float]:
     def nodelay(_c: Any, _u: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -123,12 +133,7 @@ def rpc_bench(url: str, n: int, throughput_calls: int, connections: int, threads
                 errors.append(str(exc))
 
     workers = [threading.Thread(target=caller, args=(rpc,)) for rpc in clients for _ in range(threads)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_threads(workers)
     total = per_thread * len(workers)
     for c in [*conns, client_conn]:
         c.stop()

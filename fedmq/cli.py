@@ -143,6 +143,12 @@ def cloud(broker_url: str = BrokerOpt, prefix: str = PrefixOpt,
         raise typer.Exit(2) from None
     console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on {broker_url}",
                   highlight=False)
+    import signal as _signal
+
+    def on_term(*_: Any) -> None:  # stop like Ctrl-C: running tasks' servers are stopped too
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, on_term)
     cloud_app.serve_forever()
 
 

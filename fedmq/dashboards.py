@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,18 @@ def run_node_red(broker_url: str, port: int, user_dir: Path, console: Any) -> No
     console.print(f"Node-RED on http://127.0.0.1:{port}/ — dashboards at http://127.0.0.1:{port}/dashboard "
                   f"(broker {broker_url}); Ctrl-C stops it")
     proc = subprocess.Popen(command, env=env)
+
+    def on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

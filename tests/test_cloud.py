@@ -430,3 +430,28 @@ def test_cli_tables(embedded_broker: Any, cloud_on: Any, client_factory: Any) ->
     bad = run("task", "create", "x", "--bundle", digest, "--criteria", "__import__('os')")
     assert bad.returncode == 1 and "invalid_args" in bad.stderr
     assert json.loads(run("task", "get", "cli-1").stdout)["criteria"] == "cpu_count >= 1"
+
+
+def test_sigterm_stops_the_cloud_and_its_flower_servers(embedded_broker: Any, tmp_path: Path,
+                                                        client_factory: Any) -> None:
+    log_path = tmp_path / "cloud.log"
+    with log_path.open("w") as log:
+        cloud = subprocess.Popen([*FEDMQ, "cloud", "--broker", embedded_broker.url, "--home", str(tmp_path / "h"),
+                                  "--client-id", "cloud-term"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while "serving" not in log_path.read_text():
+        assert time.time() < deadline and cloud.poll() is None, log_path.read_text()
+        time.sleep(0.1)
+    op = client_factory(embedded_broker.url)
+    digest = push_folder(op, TASK).manifest.digest
+    op.call("tasks", "create", {"name": "t", "task": "t", "bundle": digest})
+    op.call("tasks", "start", {"task": "t"})
+    servers = [p.pid for p in psutil.Process(cloud.pid).children(recursive=True)
+               if "ftdl.bootstrap" in " ".join(p.cmdline())]
+    assert servers
+    cloud.terminate()
+    assert cloud.wait(30) == 0
+    deadline = time.time() + 10
+    while any(pid_alive(pid) for pid in servers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(pid) for pid in servers)  # no orphaned Flower server
