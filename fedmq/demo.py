@@ -117,7 +117,9 @@ class DemoCluster:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: a process started from a non-interactive shell inherits SIGINT as
+        # ignored; every fedmq command stops cleanly on SIGTERM.
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

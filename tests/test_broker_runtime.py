@@ -71,8 +71,9 @@ def test_shipped_acl_binds_the_caller_to_its_credentials(tmp_path: Path) -> None
 
 
 def test_cli_broker_runs_in_the_foreground_and_stops_on_ctrl_c() -> None:
+    # Ctrl-C is SIGINT with its default disposition (a background CI shell may have ignored it).
     proc = subprocess.Popen([*FEDMQ, "broker", "--port", "0"], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]

@@ -377,7 +377,7 @@ def test_cloud_restart_keeps_state_and_fails_interrupted_tasks(mqtt_broker: Any,
         assert not pid_alive(server_pid)
         assert op.call("tasks", "start", {"task": "run"})["run"] == 2  # the operator can run it again
     finally:
-        cloud.send_signal(signal.SIGINT)
+        cloud.send_signal(signal.SIGTERM)
         try:
             cloud.wait(15)
         except subprocess.TimeoutExpired:

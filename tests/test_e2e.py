@@ -117,9 +117,11 @@ def test_broker_killed_during_training(cluster: DemoCluster, mqtt_broker: Any) -
            120, "task finished after the broker came back")
     settle(cluster, cluster.devices_online, 60, "devices online again")
     settle(cluster, lambda: not edge_clients(cluster), 30, "no client left running")
-    events = cluster.call("events", "list", {"task": "slow"})["events"]
-    for device in cluster.devices:
-        first(events, "client_finished", device=device)
+    def both_finished() -> bool:  # the edges' last events travel through the broker to the cloud
+        events = cluster.call("events", "list", {"task": "slow"}, timeout=5)["events"]
+        return {e["device"] for e in events if e["kind"] == "client_finished"} >= set(cluster.devices)
+
+    settle(cluster, both_finished, 30, "both clients reported finishing")
     # The agents are usable: a new task runs to the end.
     digest = cluster.push("digits")
     cluster.call("tasks", "create", {"name": "after", "task": "after", "bundle": digest, "args": {"rounds": 2}})
