@@ -140,7 +140,8 @@ class EmbeddedBroker:
         pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
         for task in pending:
             task.cancel()
-        await asyncio.wait(pending, timeout=2.0) if pending else None
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop and start on the same port.  Like a real restart of amqtt, retained messages

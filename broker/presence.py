@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from broker import codec
 
@@ -48,5 +47,3 @@ def newer(incoming: Presence, known_session: int, known_online: bool) -> tuple[b
         return False, False  # a repeated birth
     dropped = incoming.state == OFFLINE and (known_online or incoming.session > known_session)
     return True, dropped
-
-

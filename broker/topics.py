@@ -116,3 +116,6 @@ class Topics:
 
     def all_tasks(self) -> str:
         return self._join("tasks", "+")
+
+    def all_task_events(self) -> str:
+        return self._join("tasks", "+", "events")

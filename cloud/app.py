@@ -79,7 +79,7 @@ class CloudApp:
         if "devices" in self.config.services:
             self.connection.subscribe(self.topics.all_device_states(), self.presence.on_message)
         if "tasks" in self.config.services:
-            self.connection.subscribe(f"{self.topics.prefix}/tasks/+/events", self.tasks.on_task_event, qos=0)
+            self.connection.subscribe(self.topics.all_task_events(), self.tasks.on_task_event, qos=0)
         self.server.start()
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self

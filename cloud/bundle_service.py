@@ -4,7 +4,6 @@ verifies, stores and publishes them.  Operators never need write access to devic
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from broker.envelope import ErrorCode, RpcError
@@ -24,7 +23,8 @@ def _rpc_error(exc: BundleError) -> RpcError:
     return RpcError(code, exc.message, {"reason": exc.code})
 
 
-def _digest(value: str) -> str:
+def digest_arg(value: str) -> str:
+    """A bundle digest from a caller: 64 hex digits, or ``invalid_args``."""
     try:
         return check_digest(value)
     except TopicError as exc:
@@ -53,7 +53,7 @@ def make_bundle_service(store: BundleStore, publisher: BundlePublisher) -> Servi
     def upload_chunk(digest: str, index: int, data: bytes) -> dict[str, Any]:
         """Store one chunk after checking it against the manifest's digest for it."""
         try:
-            store.put_chunk(_digest(digest), index, data)
+            store.put_chunk(digest_arg(digest), index, data)
         except BundleError as exc:
             raise _rpc_error(exc) from None
         return {"index": index}
@@ -61,7 +61,7 @@ def make_bundle_service(store: BundleStore, publisher: BundlePublisher) -> Servi
     @service.method
     def upload_commit(digest: str, publish: bool = True) -> dict[str, Any]:
         """Verify the whole archive, keep it, and publish it as retained chunks."""
-        digest = _digest(digest)
+        digest = digest_arg(digest)
         try:
             manifest = store.manifest(digest) if store.has(digest) else store.commit(digest)
         except BundleError as exc:
@@ -73,7 +73,7 @@ def make_bundle_service(store: BundleStore, publisher: BundlePublisher) -> Servi
     @service.method
     def publish(digest: str) -> dict[str, Any]:
         """(Re)publish a stored bundle, e.g. after a broker lost its retained messages."""
-        digest = _digest(digest)
+        digest = digest_arg(digest)
         try:
             manifest = publisher.publish(digest)
         except BundleError as exc:
@@ -89,19 +89,18 @@ def make_bundle_service(store: BundleStore, publisher: BundlePublisher) -> Servi
     def get(digest: str) -> dict[str, Any]:
         """A stored bundle's full manifest."""
         try:
-            return store.manifest(_digest(digest)).to_wire()
+            return store.manifest(digest_arg(digest)).to_wire()
         except BundleError as exc:
             raise _rpc_error(exc) from None
 
     @service.method
     def remove(digest: str) -> dict[str, Any]:
         """Delete a bundle from the store and clear its retained messages from the broker."""
-        digest = _digest(digest)
+        digest = digest_arg(digest)
         try:
-            manifest = store.manifest(digest)
+            publisher.clear(digest)
         except BundleError as exc:
             raise _rpc_error(exc) from None
-        publisher.clear(digest, math.ceil(manifest.size / publisher.chunk_size))
         store.remove(digest)
         return {"digest": digest, "removed": True}
 

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import threading
+import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,7 @@ from broker.connection import MqttConnection
 from broker.topics import Topics
 from ftdl.bundle import (DEFAULT_CHUNK_SIZE, BundleError, BundleManifest, Limits, file_digest,
                          inspect_archive, rechunk)
-from ftdl.manifest import MANIFEST_NAME, TaskManifest
+from ftdl.manifest import MANIFEST_NAME, TaskManifest, parse_manifest
 from ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud.bundles")
@@ -49,11 +51,14 @@ class BundleStore:
     def archive_path(self, digest: str) -> Path:
         return self.root / "archives" / f"{digest}.tar.gz"
 
+    def _manifest_path(self, digest: str) -> Path:
+        return self.root / "manifests" / f"{digest}.json"
+
     def has(self, digest: str) -> bool:
-        return self.archive_path(digest).is_file() and (self.root / "manifests" / f"{digest}.json").is_file()
+        return self.archive_path(digest).is_file() and self._manifest_path(digest).is_file()
 
     def manifest(self, digest: str) -> BundleManifest:
-        path = self.root / "manifests" / f"{digest}.json"
+        path = self._manifest_path(digest)
         try:
             return BundleManifest.from_wire(json.loads(path.read_text()), self.limits)
         except FileNotFoundError:
@@ -115,19 +120,21 @@ class BundleStore:
             raise BundleError("digest_mismatch", "the assembled archive does not match its digest")
         inspect_archive(assembled, self.limits)
         self._check_task_manifest(assembled, manifest)
-        with self._lock:
-            os.replace(assembled, self.archive_path(digest))
-            (self.root / "manifests" / f"{digest}.json").write_text(json.dumps(manifest.to_wire()))
+        self._keep(manifest, assembled, move=True)
         shutil.rmtree(folder, ignore_errors=True)
         return manifest
 
+    def _keep(self, manifest: BundleManifest, archive: Path, *, move: bool) -> None:
+        """Put a verified archive and its manifest in the store (manifest last: ``has`` needs both)."""
+        with self._lock:
+            if move:
+                os.replace(archive, self.archive_path(manifest.digest))
+            else:
+                shutil.copyfile(archive, self.archive_path(manifest.digest))
+            self._manifest_path(manifest.digest).write_text(json.dumps(manifest.to_wire()))
+
     @staticmethod
     def _check_task_manifest(archive: Path, manifest: BundleManifest) -> None:
-        import tarfile
-        import tomllib
-
-        from ftdl.manifest import parse_manifest
-
         with tarfile.open(archive, "r:gz") as tar:
             try:
                 member = tar.getmember(MANIFEST_NAME)
@@ -141,15 +148,13 @@ class BundleStore:
     def adopt(self, manifest: BundleManifest, archive: Path) -> None:
         """Keep a bundle built on the cloud host itself (``tasks.create`` with a folder)."""
         inspect_archive(archive, self.limits)
-        with self._lock:
-            shutil.copyfile(archive, self.archive_path(manifest.digest))
-            (self.root / "manifests" / f"{manifest.digest}.json").write_text(json.dumps(manifest.to_wire()))
+        self._keep(manifest, archive, move=False)
 
     def remove(self, digest: str) -> bool:
         with self._lock:
             found = self.has(digest)
             self.archive_path(digest).unlink(missing_ok=True)
-            (self.root / "manifests" / f"{digest}.json").unlink(missing_ok=True)
+            self._manifest_path(digest).unlink(missing_ok=True)
         return found
 
 
@@ -179,8 +184,10 @@ class BundlePublisher:
                  manifest.chunk_size)
         return manifest
 
-    def clear(self, digest: str, chunk_count: int) -> None:
-        """An empty retained message deletes the retained one: manifest first, then chunks."""
+    def clear(self, digest: str) -> None:
+        """An empty retained message deletes the retained one: manifest first, then chunks
+        (as many as ``publish`` wrote at this publisher's chunk size)."""
+        chunk_count = -(-self.store.manifest(digest).size // self.chunk_size)
         infos = [self.connection.publish(self.topics.bundle_manifest(digest), b"", qos=1, retain=True)]
         for index in range(chunk_count):
             infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), b"", qos=1,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from broker import codec
 from broker.connection import MqttConnection
+from broker.events import EventRecord
 from broker.topics import Topics
 from cloud.db import Event
 
@@ -24,21 +24,6 @@ log = logging.getLogger("fedmq.cloud.events")
 TIMELINE_STEPS = ("task_created", "task_started", "device_requested", "bundle_fetched",
                   "client_started", "round_done", "client_finished", "task_finished", "task_failed",
                   "task_stopped", "client_error")
-
-
-@dataclass
-class EventRecord:
-    ts: float
-    component: str
-    kind: str
-    task: str | None
-    device: str | None
-    run: int | None
-    data: dict[str, Any]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"ts": self.ts, "component": self.component, "kind": self.kind, "task": self.task,
-                "device": self.device, "run": self.run, "data": self.data}
 
 
 class EventLog:
@@ -68,7 +53,7 @@ class EventLog:
 
 
 def timeline(events: list[EventRecord]) -> list[dict[str, Any]]:
-    """Per-step timing: seconds since the first event and since the previous step."""
+    """Per-step timing: seconds since the first step and since the previous one (events in time order)."""
     rows: list[dict[str, Any]] = []
     steps = [e for e in events if e.kind in TIMELINE_STEPS]
     if not steps:
@@ -79,7 +64,7 @@ def timeline(events: list[EventRecord]) -> list[dict[str, Any]]:
         label = event.kind
         if event.kind == "round_done":
             label = f"round {event.data.get('round')}"
-        rows.append({"step": label, "component": event.component, "device": event.device,
+        rows.append({"step": label, "task": event.task, "component": event.component, "device": event.device,
                      "t_s": round(event.ts - origin, 3), "delta_s": round(event.ts - previous, 3),
                      "ts": event.ts})
         previous = event.ts

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -34,20 +35,24 @@ from broker import codec
 from broker.connection import MqttConnection
 from broker.envelope import ErrorCode, RpcError
 from broker.net import free_port
-from broker.topics import Topics, TopicError, check_digest, check_id
+from broker.topics import Topics, TopicError, check_id
+from cloud.bundle_service import digest_arg
 from cloud.bundle_store import BundlePublisher, BundleStore
 from cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
 from cloud.db import Device, Event, Task, TaskDevice, write_transaction
 from cloud.devices import flat_info
+from broker.events import EventRecord
 from cloud.events import EventLog
 from ftdl import TaskEvent, start_task
-from ftdl.bundle import BundleError, file_digest as file_sha256, safe_unpack
+from ftdl.bundle import BundleError, build_bundle, file_digest as file_sha256, safe_unpack
+from ftdl.manifest import ManifestError
 from ftdl.process import TaskProcess
 
 log = logging.getLogger("fedmq.cloud.tasks")
 
 CREATED, RUNNING, FINISHED, FAILED, STOPPED = "created", "running", "finished", "failed", "stopped"
 STATES = (CREATED, RUNNING, FINISHED, FAILED, STOPPED)
+ACTIVE_ON_DEVICE = ("offered", "running")  # a device in these states must hear of a stop
 
 
 @dataclass
@@ -60,12 +65,15 @@ class TaskSettings:
     server_time_limit_s: float | None = None
 
 
+def flower_address(task: Task) -> str | None:
+    return f"{task.flower_host}:{task.flower_port}" if task.flower_port else None
+
+
 def task_row(task: Task) -> dict[str, Any]:
     return {"id": task.id, "name": task.name, "state": task.state, "revision": task.revision,
             "bundle": task.bundle, "criteria": task.criteria, "requirements": task.requirements,
             "args": task.args, "tags": task.tags, "priority": task.priority,
-            "flower": f"{task.flower_host}:{task.flower_port}" if task.flower_port else None,
-            "round": task.current_round, "total_rounds": task.total_rounds, "run": task.run,
+            "flower": flower_address(task), "round": task.current_round, "total_rounds": task.total_rounds, "run": task.run,
             "created": task.created, "updated": task.updated, "started_at": task.started_at,
             "finished_at": task.finished_at, "last_error": task.last_error, "metrics": task.metrics}
 
@@ -73,7 +81,7 @@ def task_row(task: Task) -> dict[str, Any]:
 def announcement(task: Task) -> dict[str, Any]:
     """What devices and dashboards see on ``tasks/<id>`` (retained, JSON)."""
     return {"v": 1, "id": task.id, "name": task.name, "state": task.state, "revision": task.revision,
-            "bundle": task.bundle, "flower": f"{task.flower_host}:{task.flower_port}" if task.flower_port else None,
+            "bundle": task.bundle, "flower": flower_address(task),
             "criteria": task.criteria, "requirements": task.requirements, "priority": task.priority,
             "tags": task.tags, "round": task.current_round, "total_rounds": task.total_rounds,
             "run": task.run, "updated": task.updated}
@@ -113,7 +121,6 @@ class TaskManager:
         self.settings, self.connection, self.topics = settings, connection, topics
         self.store, self.publisher, self.events = store, publisher, events
         self._running: dict[str, _Running] = {}
-        self._criteria: dict[tuple[str, int], Criteria] = {}
         self._lock = threading.RLock()
         self._snapshot: list[_Offerable] = []
         self._snapshot_at = 0.0
@@ -128,12 +135,6 @@ class TaskManager:
     def announce(self, task: Task) -> None:
         self.connection.publish(self.topics.task(task.id), codec.encode(announcement(task), codec.Codec.JSON),
                                 qos=1, retain=True)
-
-    def _criteria_for(self, task: Task) -> Criteria:
-        key = (task.id, task.revision)
-        if key not in self._criteria:
-            self._criteria[key] = parse_criteria(task.criteria)
-        return self._criteria[key]
 
     @staticmethod
     def _parse(criteria: str) -> None:
@@ -163,10 +164,7 @@ class TaskManager:
         self._parse(criteria)
         if folder is not None:
             bundle = self._store_folder(Path(folder))
-        try:
-            digest = check_digest(bundle)
-        except TopicError as exc:
-            raise RpcError(ErrorCode.INVALID_ARGS, str(exc)) from None
+        digest = digest_arg(bundle)
         merged_requirements = {**self._bundle_requirements(digest), **(requirements or {})}
         now = time.time()
         try:
@@ -186,11 +184,6 @@ class TaskManager:
 
     def _store_folder(self, folder: Path) -> str:
         """A task folder on the cloud host: packed and stored as the operator's push would."""
-        import tempfile
-
-        from ftdl.bundle import build_bundle
-        from ftdl.manifest import ManifestError
-
         if not folder.is_dir():
             raise RpcError(ErrorCode.NOT_FOUND, f"no folder {folder} on the cloud host")
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,11 +203,7 @@ class TaskManager:
             if "bundle" in changes:
                 if task.state == RUNNING:
                     raise RpcError(ErrorCode.CONFLICT, "stop the task before changing its bundle")
-                try:
-                    check_digest(changes["bundle"])
-                except TopicError as exc:
-                    raise RpcError(ErrorCode.INVALID_ARGS, str(exc)) from None
-                self._bundle_requirements(changes["bundle"])
+                self._bundle_requirements(digest_arg(changes["bundle"]))
             for key, value in changes.items():
                 setattr(task, key, value)
             task.revision += 1
@@ -237,8 +226,7 @@ class TaskManager:
         self._invalidate()
         self.connection.publish(self.topics.task(task_id), b"", qos=1, retain=True)
         if not Task.select().where(Task.bundle == task.bundle).exists() and self.store.has(task.bundle):
-            manifest = self.store.manifest(task.bundle)
-            self.publisher.clear(task.bundle, -(-manifest.size // self.publisher.chunk_size))
+            self.publisher.clear(task.bundle)
         self.events.record("task_deleted", task=task_id)
 
     # --- start / stop ------------------------------------------------------------------------
@@ -254,8 +242,7 @@ class TaskManager:
                 raise RpcError(ErrorCode.CONFLICT, f"Flower port {port} is already in use on the cloud host")
             folder = self._unpacked(task.bundle)
             run = task.run + 1
-            run_dir = self.settings.home / "runs" / task_id / str(run)
-            entry = _Running(process=None, run=run)  # type: ignore[arg-type]
+            run_dir = self._run_path(task_id, run)
             try:
                 process = start_task(
                     folder, "server", task_id=task_id, log_dir=run_dir, args=task.args,
@@ -267,8 +254,7 @@ class TaskManager:
                     time_limit_s=self.settings.server_time_limit_s)
             except Exception as exc:  # a manifest without a server, say
                 raise RpcError(ErrorCode.INVALID_ARGS, f"cannot start the task's server: {exc}") from None
-            entry.process = process
-            self._running[task_id] = entry
+            self._running[task_id] = _Running(process, run)
             task.state, task.run, task.flower_port = RUNNING, run, port
             task.started_at, task.finished_at, task.last_error = time.time(), None, None
             task.current_round, task.total_rounds, task.metrics = 0, None, {}
@@ -278,7 +264,7 @@ class TaskManager:
             self._invalidate()
         self.announce(task)
         self.events.record("task_started", task=task_id, run=run,
-                           data={"flower": f"{task.flower_host}:{port}", "revision": task.revision,
+                           data={"flower": flower_address(task), "revision": task.revision,
                                  "bundle": task.bundle, "args": task.args, "criteria": task.criteria})
         return task
 
@@ -325,13 +311,18 @@ class TaskManager:
         return task
 
     def _command_devices(self, task: Task, command: str, reason: str) -> None:
-        rows = list(TaskDevice.select().where((TaskDevice.task == task.id) &
-                                              (TaskDevice.state.in_(["offered", "running"]))))
-        for row in rows:
+        active = (TaskDevice.task == task.id) & TaskDevice.state.in_(ACTIVE_ON_DEVICE)
+        for row in TaskDevice.select().where(active):
             body = {"cmd": command, "task": task.id, "revision": task.revision, "reason": reason, "ts": time.time()}
             self.connection.publish(self.topics.device_cmd(row.device), codec.encode(body, codec.Codec.JSON), qos=1)
-        TaskDevice.update(state="stopped", updated=time.time()).where(
-            (TaskDevice.task == task.id) & (TaskDevice.state.in_(["offered", "running"]))).execute()
+        TaskDevice.update(state="stopped", updated=time.time()).where(active).execute()
+
+    @staticmethod
+    def _mark_device(task_id: str, device: str, state: str) -> None:
+        now = time.time()
+        TaskDevice.insert(task=task_id, device=device, state=state, updated=now).on_conflict(
+            conflict_target=[TaskDevice.task, TaskDevice.device],
+            update={TaskDevice.state: state, TaskDevice.updated: now}).execute()
 
     def _on_server_event(self, task_id: str, run: int, event: TaskEvent) -> None:
         data = event.data
@@ -374,13 +365,13 @@ class TaskManager:
             snapshot = []
             for task in rows:
                 try:
-                    criteria = self._criteria_for(task)
+                    criteria = parse_criteria(task.criteria)
                 except CriteriaError:
                     log.error("task %s has unparseable criteria; it is never offered", task.id)
                     continue
                 snapshot.append(_Offerable(task.id, criteria, task.requirements or {}, {
                     "id": task.id, "name": task.name, "revision": task.revision, "bundle": task.bundle,
-                    "flower": f"{task.flower_host}:{task.flower_port}", "args": task.args,
+                    "flower": flower_address(task), "args": task.args,
                     "priority": task.priority, "run": task.run}))
             self._snapshot, self._snapshot_at = snapshot, now
         return self._snapshot
@@ -401,14 +392,11 @@ class TaskManager:
             offers.append(dict(task.offer))
         # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         known = {row.task: row.state for row in TaskDevice.select().where(TaskDevice.device == device_id)}
-        fresh = [o for o in offers if known.get(o["id"]) not in ("offered", "running", "failed")]
+        fresh = [o for o in offers if known.get(o["id"]) not in (*ACTIVE_ON_DEVICE, "failed")]
         if fresh:
-            now = time.time()
             with write_transaction():
                 for offer in fresh:
-                    TaskDevice.insert(task=offer["id"], device=device_id, state="offered", updated=now).on_conflict(
-                        conflict_target=[TaskDevice.task, TaskDevice.device],
-                        update={TaskDevice.state: "offered", TaskDevice.updated: now}).execute()
+                    self._mark_device(offer["id"], device_id, "offered")
                     self.events.record("device_requested", task=offer["id"], device=device_id,
                                        data={"offered": [o["id"] for o in offers]})
         return offers
@@ -420,25 +408,16 @@ class TaskManager:
             task_id = check_id(message.topic.split("/")[-2], "task")
         except (codec.CodecError, TopicError, IndexError):
             return
-        if not isinstance(body, dict) or body.get("component") == self.events.component:
-            return  # our own, already recorded
-        kind, device = body.get("kind"), body.get("device")
-        if not isinstance(kind, str) or not isinstance(device, str) or len(kind) > 64:
-            return
-        try:
-            check_id(device, "device")
-        except TopicError:
-            return
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        ts = body.get("ts") if isinstance(body.get("ts"), (int, float)) else None
-        self.events.record(kind, task=task_id, device=device, run=body.get("run") if isinstance(body.get("run"), int) else None,
-                           data=data, component=f"edge.{device}"[:128], ts=ts, publish=False)
+        event = EventRecord.from_wire(body, task_id)
+        if event is None or event.device is None or event.component == self.events.component:
+            return  # not an edge's event, or our own (already recorded)
+        kind, device = event.kind, event.device
+        self.events.record(kind, task=task_id, device=device, run=event.run, data=event.data,
+                           component=f"edge.{device}"[:128], ts=event.ts, publish=False)
         state = {"client_started": "running", "client_finished": "done", "client_error": "failed",
                  "client_stopped": "stopped"}.get(kind)
         if state and Task.get_or_none(Task.id == task_id) is not None:
-            TaskDevice.insert(task=task_id, device=device, state=state, updated=time.time()).on_conflict(
-                conflict_target=[TaskDevice.task, TaskDevice.device],
-                update={TaskDevice.state: state, TaskDevice.updated: time.time()}).execute()
+            self._mark_device(task_id, device, state)
 
     # --- run history ------------------------------------------------------------------------------
     def runs(self, task_id: str) -> list[dict[str, Any]]:
@@ -479,8 +458,11 @@ class TaskManager:
                 rows.setdefault(round_, {"round": round_}).update(event.data.get("metrics") or {})
         return {"task": task_id, "run": number, "rounds": [rows[k] for k in sorted(rows)]}
 
+    def _run_path(self, task_id: str, run: int) -> Path:
+        return self.settings.home / "runs" / task_id / str(run)
+
     def run_dir(self, task_id: str, run: int | None) -> Path:
-        return self.settings.home / "runs" / task_id / str(self._run_number(task_id, run))
+        return self._run_path(task_id, self._run_number(task_id, run))
 
     def logs(self, task_id: str, run: int | None, lines: int) -> dict[str, Any]:
         folder = self.run_dir(task_id, run)

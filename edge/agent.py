@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from broker import codec
 from broker.connection import MqttConnection, Will
 from broker.envelope import RpcError
+from broker.events import EventRecord
 from broker.presence import OFFLINE, ONLINE, Presence
 from broker.rpc_client import RpcClient
 from broker.topics import DEFAULT_PREFIX, Topics, TopicError, check_id
@@ -83,7 +84,7 @@ class EdgeAgent:
         self.rpc = RpcClient(self.connection, self.device, self.topics)
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else TrustStore()
         self.fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache", trust=trust,
-                                     allow_unsigned=config.allow_unsigned, on_event=self._bundle_event)
+                                     allow_unsigned=config.allow_unsigned)
         self.announcements: dict[str, dict[str, Any]] = {}
         self.current: _Current | None = None
         self.task_stats: dict[str, dict[str, Any]] = {}
@@ -93,7 +94,6 @@ class EdgeAgent:
         self._lock = threading.RLock()
         self._retry_at = 0.0
         self._reported_at = 0.0
-        self._fetch_task: str | None = None
         self.cycles = 0
 
     # --- presence --------------------------------------------------------------------------
@@ -181,15 +181,14 @@ class EdgeAgent:
 
     def _start(self, offer: dict[str, Any]) -> None:
         task, revision, run = offer["id"], offer["revision"], offer.get("run", 0)
-        self._fetch_task = task
         try:
             result = self.fetcher.fetch(offer["bundle"])
         except BundleError as exc:
             # A bundle we must not run is this task failing here: quarantine and move on.
+            self.publish_event(task, "bundle_refused", {"digest": offer["bundle"], "reason": exc.code,
+                                                        "message": exc.message}, run)
             self._failed(task, revision, f"bundle refused ({exc.code}): {exc.message}")
             return
-        finally:
-            self._fetch_task = None
         if not result.cached:
             self.publish_event(task, "bundle_fetched", {"seconds": result.seconds, "bytes": result.bytes,
                                                         "downloaded_chunks": result.downloaded_chunks,
@@ -258,14 +257,10 @@ class EdgeAgent:
             kind = "client_error_report" if event.kind == "error" else f"client_{event.kind}"
             self.publish_event(task, kind, data, run)
 
-    def _bundle_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "bundle_refused" and self._fetch_task:
-            self.publish_event(self._fetch_task, kind, data)
-
     def publish_event(self, task: str, kind: str, data: dict[str, Any], run: int | None = None) -> None:
-        body = {"ts": time.time(), "component": f"edge.{self.device}", "kind": kind, "task": task,
-                "device": self.device, "run": run, "data": data}
-        self.connection.publish(self.topics.task_events(task), codec.encode(body, codec.Codec.JSON), qos=1)
+        event = EventRecord(time.time(), f"edge.{self.device}", kind, task, self.device, run, data)
+        self.connection.publish(self.topics.task_events(task), codec.encode(event.to_wire(), codec.Codec.JSON),
+                                qos=1)
 
     # --- what the broker tells us -----------------------------------------------------------
     def _on_announcement(self, message: mqtt.MQTTMessage) -> None:

@@ -97,17 +97,10 @@ def call(service: str = typer.Argument(..., help="Service name, e.g. tasks."),
          timeout: float = typer.Option(10.0, help="Seconds to wait for the reply."),
          broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """Call any RPC method and print the result as JSON."""
-    try:
-        parsed = json.loads(args)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--args") from None
+    parsed = _json_opt(args, "--args")
     if not isinstance(parsed, dict):
         raise typer.BadParameter("must be a JSON object", param_hint="--args")
-    client = rpc_client(broker_url, caller, prefix)
-    try:
-        result = call_or_exit(client, service, method, parsed, timeout)
-    finally:
-        client.connection.stop()
+    result = _rpc(service, method, parsed, broker_url, caller, prefix, timeout)
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
 
 
@@ -546,11 +539,7 @@ def bundle_list(broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: st
     """Bundles in the cloud's store."""
     from rich.table import Table
 
-    client = rpc_client(broker_url, caller, prefix)
-    try:
-        rows = call_or_exit(client, "bundles", "list")
-    finally:
-        client.connection.stop()
+    rows = _rpc("bundles", "list", {}, broker_url, caller, prefix)
     table = Table("digest", "name", "bytes", "files", "signer")
     for row in rows:
         table.add_row(row["digest"][:16], str(row["name"]), str(row["size"]), str(row["files"]),
@@ -561,11 +550,7 @@ def bundle_list(broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: st
 @bundle_app.command("rm")
 def bundle_rm(digest: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """Delete a bundle from the store and clear it from the broker."""
-    client = rpc_client(broker_url, caller, prefix)
-    try:
-        call_or_exit(client, "bundles", "remove", {"digest": digest})
-    finally:
-        client.connection.stop()
+    _rpc("bundles", "remove", {"digest": digest}, broker_url, caller, prefix)
     console.print(f"removed {digest}")
 
 

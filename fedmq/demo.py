@@ -24,10 +24,12 @@ from typing import Any, Callable
 from broker import codec
 from broker.connection import MqttConnection, new_client_id
 from broker.embedded import EmbeddedBroker
+from broker.events import EventRecord
 from broker.net import free_port
 from broker.rpc_client import RpcClient
 from broker.topics import Topics
 from cloud.bundle_client import push_folder
+from cloud.events import timeline
 from ftdl.signing import SigningKey, generate_keypair
 
 log = logging.getLogger("fedmq.demo")
@@ -200,19 +202,6 @@ class DemoCluster:
         return self.call("tasks", "get", {"task": task})
 
 
-def _timeline_rows(events: list[dict[str, Any]], origin: float) -> list[dict[str, Any]]:
-    wanted = ("task_created", "task_started", "device_requested", "bundle_fetched", "client_started",
-              "round_done", "client_error", "client_finished", "task_finished", "task_failed", "task_stopped")
-    rows = []
-    for e in events:
-        if e["kind"] not in wanted:
-            continue
-        step = f"round {e['data'].get('round')}" if e["kind"] == "round_done" else e["kind"]
-        rows.append({"t_s": round(e["ts"] - origin, 3), "step": step, "task": e["task"],
-                     "where": e["device"] or e["component"]})
-    return sorted(rows, key=lambda r: r["t_s"])
-
-
 def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Run experiment 1 (``basic``) or 2 (``failover``); return the result summary."""
     cluster.wait_for(cluster.devices_online, 60, "both edge agents to come online")
@@ -245,7 +234,6 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Cal
         if task != "C":
             events += cluster.call("events", "list", {"task": task})["events"]
     events.sort(key=lambda e: e["ts"])
-    origin = min(e["ts"] for e in events)
     try:
         result_metrics = cluster.call("tasks", "metrics", {"task": "C"})["rounds"]
     except Exception:  # noqa: BLE001 - a run with no rounds has nothing to draw
@@ -253,7 +241,7 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Cal
     result: dict[str, Any] = {
         "metrics": result_metrics,
         "scenario": scenario, "task": final, "accuracy": final["metrics"].get("central_accuracy"),
-        "timeline": _timeline_rows(events, origin), "events": events}
+        "timeline": timeline([EventRecord(**e) for e in events]), "events": events}
     if scenario == "failover":
         result["failover_s"] = {}
         for device in cluster.devices:
@@ -308,7 +296,7 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
     (workdir / "result.json").write_text(json.dumps(summary, indent=2))
     table = Table("t (s)", "step", "task", "where", title=f"timeline ({scenario})")
     for row in result["timeline"]:
-        table.add_row(f"{row['t_s']:.2f}", row["step"], row["task"], row["where"])
+        table.add_row(f"{row['t_s']:.2f}", row["step"], row["task"], row["device"] or row["component"])
     console.print(table)
     state = result["task"]["state"]
     console.print(f"task C {state}; final accuracy on the held-out digits: "

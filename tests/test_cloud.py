@@ -83,6 +83,19 @@ def client_factory(tmp_path: Path) -> Iterator[Any]:
         conn.stop()
 
 
+def spawn_cloud(url: str, home: Path, client_id: str, log_path: Path) -> subprocess.Popen:
+    """``fedmq cloud`` as its own process, returned once it says it is serving."""
+    log_path.write_text("")
+    with log_path.open("a") as log:
+        proc = subprocess.Popen([*FEDMQ, "cloud", "--broker", url, "--home", str(home), "--client-id", client_id],
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while "serving" not in log_path.read_text():
+        assert time.time() < deadline and proc.poll() is None, log_path.read_text()
+        time.sleep(0.1)
+    return proc
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -336,18 +349,9 @@ def test_cloud_restart_keeps_state_and_fails_interrupted_tasks(mqtt_broker: Any,
                                                                 client_factory: Any) -> None:
     home = tmp_path / "cloud-home"
 
-    log_path = tmp_path / "cloud.log"
 
     def start_cloud() -> subprocess.Popen:
-        log_path.write_text("")
-        with log_path.open("a") as log:
-            proc = subprocess.Popen([*FEDMQ, "cloud", "--broker", mqtt_broker.url, "--home", str(home),
-                                     "--client-id", "cloud-restart"], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while "serving" not in log_path.read_text():
-            assert time.time() < deadline and proc.poll() is None, log_path.read_text()
-            time.sleep(0.1)
-        return proc
+        return spawn_cloud(mqtt_broker.url, home, "cloud-restart", tmp_path / "cloud.log")
 
     cloud = start_cloud()
     try:
@@ -434,14 +438,7 @@ def test_cli_tables(embedded_broker: Any, cloud_on: Any, client_factory: Any) ->
 
 def test_sigterm_stops_the_cloud_and_its_flower_servers(embedded_broker: Any, tmp_path: Path,
                                                         client_factory: Any) -> None:
-    log_path = tmp_path / "cloud.log"
-    with log_path.open("w") as log:
-        cloud = subprocess.Popen([*FEDMQ, "cloud", "--broker", embedded_broker.url, "--home", str(tmp_path / "h"),
-                                  "--client-id", "cloud-term"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while "serving" not in log_path.read_text():
-        assert time.time() < deadline and cloud.poll() is None, log_path.read_text()
-        time.sleep(0.1)
+    cloud = spawn_cloud(embedded_broker.url, tmp_path / "h", "cloud-term", tmp_path / "cloud.log")
     op = client_factory(embedded_broker.url)
     digest = push_folder(op, TASK).manifest.digest
     op.call("tasks", "create", {"name": "t", "task": "t", "bundle": digest})
