@@ -4,6 +4,19 @@ Used by ``fedmq broker``, the demo and the tests.  amqtt speaks MQTT 3.1.1 only 
 retained messages and sessions in memory (a restart forgets them), which is why everything in
 fedmq works on 3.1.1 and republishes its retained state after reconnecting.  For production use
 Mosquitto with the repository's ``mosquitto.conf``.
+
+amqtt 0.11 (and 0.12, whose source has the same code) departs from MQTT in two ways that fedmq
+users hit, both fixed here around it and each proven by ``tests/test_brokers.py``, which also
+checks that the stock broker still misbehaves (so the workaround is dropped once upstream fixes it):
+
+- On every connect it sends the new client every retained message that matches *any* client's
+  subscription on the broker (a ``mosquitto_sub -t foo/bar`` printed every bundle chunk, presence
+  and announcement), awaiting while it iterates the broker-wide subscription table -- which other
+  clients change meanwhile (``RuntimeError: dictionary changed size during iteration``).  MQTT
+  sends retained messages when a client subscribes, never on connect: that replay is skipped.
+- A client admitted by its anonymous-auth plugin is marked anonymous, and amqtt then neither
+  queues QoS 1 messages for its persistent session nor keeps the session: an open broker here
+  admits clients without that mark, so persistent sessions behave as on Mosquitto.
 """
 
 from __future__ import annotations
@@ -22,6 +35,14 @@ from amqtt.session import Session
 log = logging.getLogger("fedmq.broker.embedded")
 
 
+class OpenAuthPlugin(BaseAuthPlugin):
+    """Admits every client without marking it anonymous (amqtt drops anonymous clients'
+    persistent sessions and queued messages; see the module docstring)."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        return True
+
+
 class PasswordAuthPlugin(BaseAuthPlugin):
     """Username/password check against an in-memory table (constant-time compare)."""
 
@@ -37,8 +58,34 @@ class PasswordAuthPlugin(BaseAuthPlugin):
         users: dict[str, str] = field(default_factory=dict)
 
 
+class _Broker(Broker):
+    """amqtt's broker without the connect-time replay of other clients' retained messages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connecting: set[int] = set()
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # amqtt calls this on connect, right before the replay loop; _client_message_loop
+        # follows the loop.  Between the two, the session is "connecting".
+        await super()._publish_session_retained_messages(session)
+        self._connecting.add(id(session))
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        self._connecting.discard(id(client_session))
+        await super()._client_message_loop(client_session, handler)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        if id(session) in self._connecting:
+            return  # returns without awaiting: the broker-wide loop over subscriptions never yields
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
 class EmbeddedBroker:
     """An amqtt broker on ``host:port`` (``port=0`` picks a free one; read ``.port`` after start)."""
+
+    broker_class: type[Broker] = _Broker  # tests swap in amqtt's own to show what is fixed
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  users: dict[str, str] | None = None) -> None:
@@ -59,7 +106,7 @@ class EmbeddedBroker:
         if self.users:
             auth: dict[str, Any] = {f"{__name__}.PasswordAuthPlugin": {"users": self.users}}
         else:
-            auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+            auth = {f"{__name__}.OpenAuthPlugin": {}}
         return {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                 "plugins": auth}
 
@@ -85,7 +132,7 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            self._broker = Broker(self._config(), loop=loop)
+            self._broker = self.broker_class(self._config(), loop=loop)
             await self._broker.start()
             server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
             self.port = server.sockets[0].getsockname()[1]
