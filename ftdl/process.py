@@ -30,6 +30,7 @@ log = logging.getLogger("fedmq.ftdl.process")
 # What a child inherits from our environment; everything else it gets is set explicitly.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH", "SYSTEMROOT",
               "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+GROUP_REAP_TIMEOUT_S = 5.0
 LOG_MAX_BYTES = 5 * 1024 * 1024
 LOG_BACKUPS = 3
 TAIL_LINES = 40
@@ -62,6 +63,48 @@ class TaskOutcome:
     finished: dict[str, Any] | None = None
     log_tail: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, read from /proc; elsewhere, whether
+    signal 0 still reaches the group."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+        fields = stat_line[stat_line.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(pgid: int, timeout_s: float = GROUP_REAP_TIMEOUT_S) -> list[int]:
+    """SIGKILL a process group and wait until none of it is alive; returns the survivors (empty
+    unless a process could not be killed within ``timeout_s``, which is logged)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        alive = group_members(pgid)
+        if not alive or time.monotonic() > deadline:
+            if alive:
+                log.error("process group %d still has %s %.0f s after SIGKILL", pgid, alive, timeout_s)
+            return alive
+        time.sleep(0.01)
 
 
 def controlled_env(extra: dict[str, str]) -> dict[str, str]:
@@ -229,7 +272,9 @@ class TaskProcess:
             except subprocess.TimeoutExpired:
                 self._signal_group(signal.SIGKILL)
                 code = self.process.wait()
-        self._signal_group(signal.SIGKILL)  # whatever the child left behind in its group
+        # Whatever the child left behind in its group dies before the outcome is reported, so a
+        # caller that sees the exit never finds a leftover still running.
+        kill_group(self.process.pid)
         for thread in self._threads:
             thread.join(5.0)
         self._finish_outcome(self._judge(code))
