@@ -18,6 +18,7 @@ from cloud.events import EventLog
 from cloud.task_service import make_event_service, make_task_service
 from cloud.tasks import TaskManager, TaskSettings
 from ftdl.bundle import DEFAULT_CHUNK_SIZE
+from ftdl.paths import absolute
 from ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
@@ -38,6 +39,12 @@ class CloudConfig:
     services: tuple[str, ...] = ALL_SERVICES
     flower_bind: str = "0.0.0.0"
     flower_advertise: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        # Made absolute here, once: the task servers run with their bundle as working directory,
+        # and their run folders (logs, the saved model) must land under this home.
+        self.home = absolute(self.home)
+        self.trusted_keys = [absolute(p) for p in self.trusted_keys]
 
 
 class CloudApp:

@@ -44,8 +44,10 @@ from cloud.devices import flat_info
 from broker.events import EventRecord
 from cloud.events import EventLog
 from ftdl import TaskEvent, start_task
+from ftdl.reporter import ENV_OUTPUT_DIR
 from ftdl.bundle import BundleError, build_bundle, file_digest as file_sha256, safe_unpack
 from ftdl.manifest import ManifestError
+from ftdl.paths import require_absolute
 from ftdl.process import TaskProcess
 
 log = logging.getLogger("fedmq.cloud.tasks")
@@ -63,6 +65,9 @@ class TaskSettings:
     flower_bind: str = "0.0.0.0"
     flower_advertise: str = "127.0.0.1"
     server_time_limit_s: float | None = None
+
+    def __post_init__(self) -> None:
+        require_absolute(self.home, "the cloud home")
 
 
 def flower_address(task: Task) -> str | None:
@@ -84,7 +89,7 @@ def announcement(task: Task) -> dict[str, Any]:
             "bundle": task.bundle, "flower": flower_address(task),
             "criteria": task.criteria, "requirements": task.requirements, "priority": task.priority,
             "tags": task.tags, "round": task.current_round, "total_rounds": task.total_rounds,
-            "run": task.run, "updated": task.updated}
+            "run": task.run, "updated": task.updated, "last_error": task.last_error}
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -250,7 +255,7 @@ class TaskManager:
                     rpc={"broker": self.settings.broker_url, "prefix": self.settings.prefix,
                          "caller": f"task.{task_id}"[:128]},
                     env={"FEDMQ_FLOWER_ADDRESS": f"{self.settings.flower_bind}:{port}",
-                         "FEDMQ_OUTPUT_DIR": str(run_dir)},
+                         ENV_OUTPUT_DIR: str(run_dir)},
                     time_limit_s=self.settings.server_time_limit_s)
             except Exception as exc:  # a manifest without a server, say
                 raise RpcError(ErrorCode.INVALID_ARGS, f"cannot start the task's server: {exc}") from None

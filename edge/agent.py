@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from broker.envelope import RpcError
 from broker.events import EventRecord
 from broker.presence import OFFLINE, ONLINE, Presence
 from broker.rpc_client import RpcClient
-from broker.topics import DEFAULT_PREFIX, Topics, TopicError, check_id
+from broker.topics import Topics, TopicError, check_id
 from edge.bundle_fetch import BundleFetcher
+from edge.config import EdgeConfig
 from edge.info import gather
 from edge.policy import get_policy
 from edge.state import AgentState
@@ -40,24 +41,6 @@ from ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.edge")
 FINISH_GRACE_S = 15.0
-
-
-@dataclass
-class EdgeConfig:
-    device_id: str
-    broker: str = "mqtt://127.0.0.1:1883"
-    alternates: list[str] = field(default_factory=list)
-    prefix: str = DEFAULT_PREFIX
-    work_dir: Path = Path("fedmq-edge")
-    data_dir: Path | None = None
-    trusted_keys: list[Path] = field(default_factory=list)
-    allow_unsigned: bool = False
-    policy: str = "at_most_one"
-    recheck_interval_s: float = 60.0
-    report_interval_s: float = 300.0
-    rpc_timeout_s: float = 10.0
-    labels: dict[str, Any] = field(default_factory=dict)
-    client_time_limit_s: float | None = None
 
 
 @dataclass
@@ -181,18 +164,13 @@ class EdgeAgent:
 
     def _start(self, offer: dict[str, Any]) -> None:
         task, revision, run = offer["id"], offer["revision"], offer.get("run", 0)
-        try:
-            result = self.fetcher.fetch(offer["bundle"])
+        try:  # the fetcher's own events (started, fetched, refused) go out as this task's
+            result = self.fetcher.fetch(offer["bundle"],
+                                        on_event=lambda kind, data: self.publish_event(task, kind, data, run))
         except BundleError as exc:
             # A bundle we must not run is this task failing here: quarantine and move on.
-            self.publish_event(task, "bundle_refused", {"digest": offer["bundle"], "reason": exc.code,
-                                                        "message": exc.message}, run)
             self._failed(task, revision, f"bundle refused ({exc.code}): {exc.message}")
             return
-        if not result.cached:
-            self.publish_event(task, "bundle_fetched", {"seconds": result.seconds, "bytes": result.bytes,
-                                                        "downloaded_chunks": result.downloaded_chunks,
-                                                        "reused_chunks": result.reused_chunks}, run)
         if self._stale(task, run):
             return
         try:

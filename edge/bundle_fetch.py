@@ -141,9 +141,13 @@ class BundleFetcher:
         if self.on_progress is not None:
             self.on_progress(done, total, manifest)
 
-    def fetch(self, digest: str, *, manifest_timeout: float = 30.0, stall_timeout: float = 30.0) -> FetchResult:
+    def fetch(self, digest: str, *, manifest_timeout: float = 30.0, stall_timeout: float = 30.0,
+              on_event: Callable[[str, dict[str, Any]], None] | None = None) -> FetchResult:
         """Return the unpacked bundle folder, downloading what is missing.  Raises ``BundleError``
-        (after an event ``bundle_refused``) for anything that must not run."""
+        (after an event ``bundle_refused``) for anything that must not run.  ``on_event`` (for
+        this fetch; default: the fetcher's own) gets ``bundle_fetch_started``, ``bundle_fetched``
+        and ``bundle_refused`` with their data."""
+        emit = on_event or self.on_event
         try:
             check_digest(digest)
         except TopicError as exc:
@@ -152,9 +156,9 @@ class BundleFetcher:
         if target.is_dir():
             return FetchResult(digest, target, cached=True)
         try:
-            return self._fetch(digest, target, manifest_timeout, stall_timeout)
+            return self._fetch(digest, target, manifest_timeout, stall_timeout, emit)
         except BundleError as exc:
-            self.on_event("bundle_refused", {"digest": digest, "reason": exc.code, "message": exc.message})
+            emit("bundle_refused", {"digest": digest, "reason": exc.code, "message": exc.message})
             raise
 
     def _wait_manifest(self, digest: str, timeout: float) -> BundleManifest:
@@ -191,7 +195,8 @@ class BundleFetcher:
                     present.append(index)
         return present
 
-    def _fetch(self, digest: str, target: Path, manifest_timeout: float, stall_timeout: float) -> FetchResult:
+    def _fetch(self, digest: str, target: Path, manifest_timeout: float, stall_timeout: float,
+               emit: Callable[[str, dict[str, Any]], None]) -> FetchResult:
         started = time.monotonic()
         manifest = self._wait_manifest(digest, manifest_timeout)
         # Signature first: no byte of an untrusted bundle is downloaded.
@@ -201,7 +206,7 @@ class BundleFetcher:
             handle.truncate(manifest.size)
         present = set(self._present(manifest, partial))
         missing = [i for i in range(manifest.chunk_count) if i not in present]
-        self.on_event("bundle_fetch_started", {"digest": digest, "chunks": manifest.chunk_count,
+        emit("bundle_fetch_started", {"digest": digest, "chunks": manifest.chunk_count,
                                                "missing": len(missing), "size": manifest.size})
         download = _Download(self, manifest, partial, missing)
         try:
@@ -223,5 +228,5 @@ class BundleFetcher:
         result = FetchResult(digest, target, downloaded_chunks=download.received, reused_chunks=len(present),
                              total_chunks=manifest.chunk_count, bytes=manifest.size,
                              seconds=round(time.monotonic() - started, 3))
-        self.on_event("bundle_fetched", {k: v for k, v in vars(result).items() if k != "path"})
+        emit("bundle_fetched", {k: v for k, v in vars(result).items() if k != "path"})
         return result

@@ -12,27 +12,63 @@ one before).  Only the device id is required.
     recheck_interval_s = 60
     [labels]
     region = "eu"
+
+Paths become absolute here and nowhere else: a relative path in the file is taken relative to
+the file's folder, one from a flag or the environment relative to the working directory.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge.agent import EdgeConfig
+from broker.topics import DEFAULT_PREFIX
+from ftdl.paths import absolute
 
-_PATHS = {"work_dir", "data_dir"}
+_PATHS = ("work_dir", "data_dir")
+
+
+@dataclass
+class EdgeConfig:
+    device_id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    alternates: list[str] = field(default_factory=list)
+    prefix: str = DEFAULT_PREFIX
+    work_dir: Path = Path("fedmq-edge")
+    data_dir: Path | None = None
+    trusted_keys: list[Path] = field(default_factory=list)
+    allow_unsigned: bool = False
+    policy: str = "at_most_one"
+    recheck_interval_s: float = 60.0
+    report_interval_s: float = 300.0
+    rpc_timeout_s: float = 10.0
+    labels: dict[str, Any] = field(default_factory=dict)
+    client_time_limit_s: float | None = None
+
+    def __post_init__(self) -> None:
+        # Relative paths still here came from code or flags: the working directory is their base.
+        self.work_dir = absolute(self.work_dir)
+        self.data_dir = absolute(self.data_dir) if self.data_dir is not None else None
+        self.trusted_keys = [absolute(p) for p in self.trusted_keys]
 
 
 def load_edge_config(file: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
     values: dict[str, Any] = {}
     if file is not None:
         try:
-            values.update(tomllib.loads(file.read_text()))
+            from_file = tomllib.loads(file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read edge config {file}: {exc}") from None
+        base = absolute(file).parent
+        for key in _PATHS:
+            if isinstance(from_file.get(key), str):
+                from_file[key] = absolute(from_file[key], base)
+        if isinstance(from_file.get("trusted_keys"), list):
+            from_file["trusted_keys"] = [absolute(p, base) if isinstance(p, str) else p
+                                         for p in from_file["trusted_keys"]]
+        values.update(from_file)
     values.update({k: v for k, v in overrides.items() if v not in (None, [], ())})
     known = {f.name for f in fields(EdgeConfig)}
     unknown = set(values) - known
@@ -42,6 +78,11 @@ def load_edge_config(file: Path | None, overrides: dict[str, Any]) -> EdgeConfig
         raise ValueError("a device id is required (--device-id, FEDMQ_DEVICE_ID or device_id in the config file)")
     for key in _PATHS:
         if values.get(key) is not None:
-            values[key] = Path(values[key])
-    values["trusted_keys"] = [Path(p) for p in values.get("trusted_keys", [])]
+            if not isinstance(values[key], (str, Path)):
+                raise ValueError(f"{key} must be a path")
+            values[key] = absolute(values[key])
+    trusted = values.get("trusted_keys", [])
+    if not isinstance(trusted, list) or not all(isinstance(p, (str, Path)) for p in trusted):
+        raise ValueError("trusted_keys must be a list of paths")
+    values["trusted_keys"] = [absolute(p) for p in trusted]
     return EdgeConfig(**values)

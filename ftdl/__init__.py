@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
+from ftdl.paths import require_absolute
 from ftdl.process import TaskEvent, TaskOutcome, TaskProcess
-from ftdl.reporter import ENV_TASK_ID, TaskReporter, rpc_env, task_args
+from ftdl.reporter import ENV_OUTPUT_DIR, ENV_TASK_ID, TaskReporter, rpc_env, task_args
 from ftdl.triggers import TriggerRunner
 
 __all__ = ["MANIFEST_NAME", "ManifestError", "TaskEvent", "TaskManifest", "TaskOutcome",
@@ -26,7 +27,13 @@ def start_task(task_dir: Path, role: str, *, task_id: str, log_dir: Path,
                env: dict[str, str] | None = None) -> TaskProcess:
     """Start the ``role`` entry point of an unpacked task folder, with its declared triggers.
 
-    ``args`` (the operator's) override the manifest's defaults for the role."""
+    ``args`` (the operator's) override the manifest's defaults for the role.  Every path must be
+    absolute: the entry point runs with ``task_dir`` as its working directory."""
+    for path, what in ((task_dir, "task_dir"), (log_dir, "log_dir"), (data_dir, "data_dir")):
+        require_absolute(path, what)
+    for key in (ENV_OUTPUT_DIR,):
+        if env and key in env:
+            require_absolute(env[key], key)
     manifest = manifest or load_manifest(task_dir)
     entry = manifest.entry(role)
     merged = {**entry.args, **(args or {})}

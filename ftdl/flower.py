@@ -28,10 +28,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from ftdl.reporter import TaskReporter
+from ftdl.reporter import ENV_OUTPUT_DIR, TaskReporter
 
 ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"
-ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"
 MODEL_FILE = "model.npz"
 
 __all__ = ["ReportingStrategy", "ReportingClient", "flower_address", "join", "serve",

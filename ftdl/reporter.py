@@ -23,6 +23,7 @@ ENV_ARGS = "FEDMQ_TASK_ARGS"
 ENV_BROKER = "FEDMQ_BROKER"
 ENV_PREFIX = "FEDMQ_PREFIX"
 ENV_CALLER = "FEDMQ_CALLER"
+ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"  # where a server saves its final model (an absolute path)
 
 
 def rpc_env(rpc: dict[str, str] | None) -> dict[str, str]:
