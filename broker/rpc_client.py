@@ -9,7 +9,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
@@ -68,6 +68,24 @@ class RpcClient:
         payload = codec.encode(request.to_wire(), self.codec)
         self.connection.publish(self.topics.rpc(service, method, self.caller), payload, qos=1)
         return PendingCall(self, request.id, future, timeout, f"{service}.{method}")
+
+    def wait_for_service(self, service: str, timeout: float, *, ping_timeout: float = 1.0,
+                         on_wait: Callable[[], None] | None = None) -> None:
+        """Block until ``service`` answers ``ping`` (a request to a service that is not yet
+        subscribed is simply lost, so a caller that may race a starting service asks first).
+        ``on_wait`` runs once, when the first ping goes unanswered."""
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                self.call(service, "ping", timeout=min(ping_timeout, max(0.1, deadline - time.monotonic())))
+                return
+            except RpcError as exc:
+                if exc.code is not ErrorCode.TIMEOUT or time.monotonic() >= deadline:
+                    raise
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
 
     async def acall(self, service: str, method: str, args: dict[str, Any] | None = None, *,
                     timeout: float = DEFAULT_TIMEOUT_S) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from broker.envelope import RpcError
 from broker.rpc_client import RpcClient
 from broker.topics import DEFAULT_PREFIX, Topics
 from fedmq import __version__
+from ftdl.paths import absolute
 
 app = typer.Typer(help="fedmq: federated-learning tasks on device fleets, over MQTT.",
                   no_args_is_help=True, add_completion=False)
@@ -47,11 +49,22 @@ def version() -> None:
 
 @app.command()
 def broker(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
-           port: int = typer.Option(1883, help="TCP port (0 picks a free one)."),
+           port: Optional[int] = typer.Option(None, help="TCP port; 0 picks a free one. Default: 1883, "
+                                              "or a free one with --detach.", show_default=False),
            user: list[str] = typer.Option([], "--user", help="USER:PASSWORD; repeat for more. "
-                                          "Without any, anonymous clients are allowed.")) -> None:
-    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground."""
+                                          "Without any, anonymous clients are allowed."),
+           detach: bool = typer.Option(False, "--detach", help="Start in the background and print "
+                                       "shell exports (FEDMQ_BROKER, FEDMQ_BROKER_PID): eval \"$(fedmq broker --detach)\"."),
+           log_file: Path = typer.Option(Path("fedmq-broker.log"), "--log-file",
+                                         help="With --detach: where the broker's log goes."),
+           ready_fd: Optional[int] = typer.Option(None, "--ready-fd", hidden=True)) -> None:
+    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground, or detached."""
     from broker.embedded import EmbeddedBroker
+
+    if detach:
+        _detach_broker(host, 0 if port is None else port, user, absolute(log_file))
+        return
+    port = 1883 if port is None else port
 
     users: dict[str, str] = {}
     for entry in user:
@@ -65,20 +78,73 @@ def broker(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0
     except RuntimeError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
+    if ready_fd is not None:  # the --detach parent waits for this line
+        with os.fdopen(ready_fd, "w") as ready:
+            ready.write(embedded.url + "\n")
+    import signal as _signal
+
+    def on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, on_term)
     console.print(f"embedded broker listening on {embedded.url} "
                   f"({'password auth' if users else 'anonymous'}); Ctrl-C stops it")
     embedded.serve_forever()
 
 
-def rpc_client(broker_url: str, caller: str, prefix: str) -> RpcClient:
-    """Connect and return a ready client, or exit with a message a person can act on."""
+def _detach_broker(host: str, port: int, users: list[str], log_file: Path) -> None:
+    """Start ``fedmq broker`` as a background process of its own and print where it listens,
+    as shell exports (the ``eval "$(ssh-agent)"`` convention)."""
+    import shlex
+    import subprocess
+
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "fedmq.cli", "broker", "--host", host, "--port", str(port),
+            "--ready-fd", str(write_fd), *[a for u in users for a in ("--user", u)]]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        url = ready.readline().strip()  # empty if the broker died first
+    if not url:
+        proc.wait(10)
+        err_console.print(f"[red]error:[/red] the broker did not start (exit {proc.returncode}); see {log_file}")
+        sys.stdout.write("false\n")  # so that eval "$(fedmq broker --detach)" fails too
+        raise typer.Exit(1)
+    err_console.print(f"embedded broker on {url} (pid {proc.pid}, log {log_file}); stop it with kill {proc.pid}")
+    sys.stdout.write(f"export FEDMQ_BROKER={shlex.quote(url)}\nexport FEDMQ_BROKER_PID={proc.pid}\n")
+
+
+SERVICE_WAIT_S = 20.0
+
+
+def rpc_client(broker_url: str, caller: str, prefix: str, service: str | None = None) -> RpcClient:
+    """Connect and return a ready client, or exit with a message a person can act on.  With
+    ``service``, wait (up to SERVICE_WAIT_S) until it answers: a cloud started a moment ago
+    may not be listening yet, and a request nobody listens to is lost."""
     connection = MqttConnection(new_client_id(f"cli-{caller}"), broker_url)
     try:
         connection.start(timeout=5.0)
     except BrokerUnavailable as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    return RpcClient(connection, caller, Topics(prefix)).start()
+    client = RpcClient(connection, caller, Topics(prefix)).start()
+    if service is not None:
+        def on_wait() -> None:
+            err_console.print(f"waiting for the {service} service on {connection.settings.url} "
+                              f"(up to {SERVICE_WAIT_S:g} s)…")
+        try:
+            client.wait_for_service(service, SERVICE_WAIT_S, on_wait=on_wait)
+        except RpcError as exc:
+            connection.stop()
+            message = (f"no answer from the {service} service within {SERVICE_WAIT_S:g} s: is fedmq cloud "
+                       f"running on {connection.settings.url} (prefix {prefix})?"
+                       if exc.code.value == "timeout" else exc.message)
+            err_console.print(f"[red]{exc.code.value}:[/red] {message}")
+            raise typer.Exit(1) from None
+    return client
 
 
 def call_or_exit(client: RpcClient, service: str, method: str, args: dict[str, Any] | None = None,
@@ -154,7 +220,7 @@ app.add_typer(device_app, name="device")
 
 def _rpc(service: str, method: str, args: dict[str, Any], broker_url: str, caller: str, prefix: str,
          timeout: float = 30.0) -> Any:
-    client = rpc_client(broker_url, caller, prefix)
+    client = rpc_client(broker_url, caller, prefix, service)
     try:
         return call_or_exit(client, service, method, args, timeout)
     finally:
@@ -206,6 +272,8 @@ def task_create(name: str = typer.Argument(..., help="Task name."),
                 flower_host: Optional[str] = typer.Option(None, help="Host devices use to reach the Flower server."),
                 broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """Create a task."""
+    if folder is not None:  # a path on the cloud host; relative to here if this is the cloud host
+        folder = str(absolute(folder))
     payload = {k: v for k, v in dict(name=name, bundle=bundle, folder=folder, task=task_id, criteria=criteria,
                                      args=_json_opt(args, "--args"), requirements=_json_opt(requirements, "--requirements"),
                                      tags=tag or None, priority=priority, flower_port=flower_port,
@@ -245,6 +313,48 @@ def task_start(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, 
     console.print(_task_table([_rpc("tasks", "start", {"task": task}, broker_url, caller, prefix)]))
 
 
+@task_app.command("wait")
+def task_wait(task: str, timeout: float = typer.Option(3600.0, help="Give up after this many seconds."),
+              broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
+    """Wait for a running task's run to end, with a progress bar of its rounds; exits 0 when it
+    finished, 1 when it failed or was stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cloud.task_client import TaskWaitTimeout, wait_for_task
+
+    connection = MqttConnection(new_client_id(f"cli-{caller}"), broker_url)
+    try:
+        connection.start(timeout=5.0)
+    except BrokerUnavailable as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+                      TimeElapsedColumn(), console=err_console, disable=not err_console.is_terminal) as progress:
+            bar = progress.add_task(f"{task}", total=None)
+
+            def on_update(body: dict[str, Any]) -> None:
+                progress.update(bar, completed=body.get("round") or 0, total=body.get("total_rounds"),
+                                description=f"{task} ({body.get('state')}, run {body.get('run')})")
+
+            final = wait_for_task(connection, Topics(prefix), task, timeout, on_update=on_update)
+    except LookupError as exc:
+        err_console.print(f"[red]not_found:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except TaskWaitTimeout as exc:
+        err_console.print(f"[red]timeout:[/red] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        connection.stop()
+    rounds = f"{final.get('round', 0)}/{final.get('total_rounds') or '?'} rounds"
+    if final["state"] == "finished":
+        err_console.print(f"{task} finished run {final.get('run')} ({rounds})")
+        return
+    reason = f": {final['last_error']}" if final.get("last_error") else ""
+    err_console.print(f"[red]{task} {final['state']}[/red] in run {final.get('run')} after {rounds}{reason}")
+    raise typer.Exit(1)
+
+
 @task_app.command("stop")
 def task_stop(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """Stop a running task; its devices are told to stop."""
@@ -266,7 +376,9 @@ def task_events(task: str, output: Optional[Path] = typer.Option(None, "--json",
 
     result = _rpc("events", "list", {"task": task}, broker_url, caller, prefix)
     if output:
+        output = absolute(output)
         output.write_text(json.dumps(result, indent=2))
+        err_console.print(f"wrote {output}")
     table = Table("step", "component", "device", "t (s)", "Δ (s)")
     for row in result["timeline"]:
         table.add_row(row["step"], row["component"], row["device"] or "", f"{row['t_s']:.3f}", f"{row['delta_s']:.3f}")
@@ -290,7 +402,7 @@ def task_metrics(task: str, run: Optional[int] = typer.Option(None, help="Run nu
     for r in rows:
         table.add_row(*[f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns])
     console.print(table)
-    csv_path = csv_path or Path(f"{task}-run{result['run']}-metrics.csv")
+    csv_path = absolute(csv_path or Path(f"{task}-run{result['run']}-metrics.csv"))
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -299,6 +411,7 @@ def task_metrics(task: str, run: Optional[int] = typer.Option(None, help="Run nu
     if plot:
         from fedmq.plots import plot_metrics
 
+        plot = absolute(plot)
         plot_metrics(rows, plot, f"{task} — run {result['run']}")
         console.print(f"wrote {plot}")
 
@@ -310,7 +423,8 @@ def task_model(task: str, output: Path = typer.Option(..., "-o", "--output", hel
     """Download the final global model a run saved."""
     import hashlib
 
-    client = rpc_client(broker_url, caller, prefix)
+    output = absolute(output)
+    client = rpc_client(broker_url, caller, prefix, "tasks")
     try:
         args = {"task": task, **({"run": run} if run else {})}
         first = call_or_exit(client, "tasks", "model", {**args, "offset": 0})
@@ -359,7 +473,8 @@ def task_runs(task: str, broker_url: str = BrokerOpt, caller: str = CallerOpt, p
 
 
 @device_app.command("list")
-def device_list(online: Optional[bool] = typer.Option(None, "--online/--offline", help="Filter by presence."),
+def device_list(online: Optional[bool] = typer.Option(None, "--online/--offline", show_default=False,
+                                                     help="Only online (or offline) devices; all by default."),
                 broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """List devices."""
     from rich.table import Table
@@ -394,7 +509,7 @@ def demo(broker_url: Optional[str] = typer.Option(None, "--broker", "-b",
 
     logging.getLogger("fedmq").setLevel(logging.ERROR)
     try:
-        summary = demo_main(broker_url, scenario, workdir, rounds, console)
+        summary = demo_main(broker_url, scenario, absolute(workdir), rounds, console)
     except DemoError as exc:
         err_console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -415,7 +530,7 @@ def dashboards(broker_url: str = BrokerOpt,
     from fedmq.dashboards import DashboardError, run_node_red
 
     try:
-        run_node_red(broker_url, port, user_dir, console)
+        run_node_red(broker_url, port, absolute(user_dir), console)
     except DashboardError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -481,7 +596,7 @@ def keys_new(name: str = typer.Argument("operator", help="Key name: writes NAME.
     from ftdl.signing import SigningError, SigningKey, generate_keypair
 
     try:
-        private, public = generate_keypair(directory, name)
+        private, public = generate_keypair(absolute(directory), name)
     except SigningError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
@@ -513,7 +628,7 @@ def bundle_push(folder: Path = typer.Argument(..., exists=True, file_okay=False,
 
     try:
         signing_key = SigningKey.load(key) if key else None
-        client = rpc_client(broker_url, caller, prefix)
+        client = rpc_client(broker_url, caller, prefix, "bundles")
         try:
             with _progress() as progress:
                 bar = progress.add_task(f"push {folder.name}", total=None)
@@ -587,7 +702,7 @@ def bundle_fetch(digest: str,
                 sys.stdout.write(f"chunk {done}/{total}\n")
                 sys.stdout.flush()
 
-        fetcher = BundleFetcher(connection, Topics(prefix), cache, trust=trust_store,
+        fetcher = BundleFetcher(connection, Topics(prefix), absolute(cache), trust=trust_store,
                                 allow_unsigned=allow_unsigned, window=window, on_progress=on_progress)
         try:
             result = fetcher.fetch(digest)

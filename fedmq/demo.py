@@ -30,6 +30,8 @@ from broker.rpc_client import RpcClient
 from broker.topics import Topics
 from cloud.bundle_client import push_folder
 from cloud.events import timeline
+from cloud.task_client import wait_for_task
+from ftdl.paths import absolute
 from ftdl.signing import SigningKey, generate_keypair
 
 log = logging.getLogger("fedmq.demo")
@@ -55,6 +57,9 @@ class DemoCluster:
     operator: RpcClient | None = None
     key: SigningKey | None = None
 
+    def __post_init__(self) -> None:
+        self.workdir = absolute(self.workdir)  # every path handed to the processes is absolute
+
     @property
     def url(self) -> str:
         assert self.broker_url is not None
@@ -67,6 +72,7 @@ class DemoCluster:
         if not (self.examples / "digits" / "fedmq.toml").is_file():
             raise DemoError(f"no example bundles in {self.examples}: run fedmq demo from a source checkout")
         if self.broker_url is None:
+            _log_to(self.workdir / "logs" / "broker.log", "amqtt", "transitions")
             self.embedded = EmbeddedBroker(port=free_port()).start()
             self.broker_url = self.embedded.url
         key_path, pub_path = generate_keypair(self.workdir / "keys", "operator")
@@ -177,33 +183,134 @@ class DemoCluster:
         rows = self.call("devices", "list", {"online": True})
         return {r["id"] for r in rows} >= set(self.devices)
 
-    def wait_task(self, task: str, timeout: float = 300.0,
-                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Follow the retained announcement until the task leaves ``running``."""
-        done = threading.Event()
-        latest: dict[str, Any] = {}
+    def exited(self) -> str | None:
+        """Why the cluster cannot go on: a process of it that exited, with where to look."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return f"{name} exited ({proc.returncode}); see {self.workdir / 'logs' / (name + '.log')}"
+        return None
 
-        def on_announcement(message: Any) -> None:
-            if not message.payload:
-                return
-            body, _ = codec.decode(message.payload)
-            latest.update(body)
-            if on_update:
-                on_update(body)
-            if body.get("state") in ("finished", "failed", "stopped"):
-                done.set()
+    def wait_task(self, task: str, timeout: float = 300.0,
+                  on_update: Callable[[dict[str, Any]], None] | None = None,
+                  give_up: Callable[[], str | None] | None = None) -> dict[str, Any]:
+        """Follow the retained announcement until the task leaves ``running``; stop early when a
+        process died or ``give_up`` names a reason."""
+        def stop_waiting() -> str | None:
+            return self.exited() or (give_up() if give_up else None)
 
         conn = MqttConnection(new_client_id("demo-watch"), self.url).start()
         try:
-            conn.subscribe(Topics().task(task), on_announcement)
-            self.wait_for(done.is_set, timeout, f"task {task} to finish")
+            wait_for_task(conn, Topics(), task, timeout, on_update=on_update, stop_waiting=stop_waiting)
+        except (RuntimeError, LookupError, TimeoutError) as exc:
+            raise DemoError(str(exc)) from None
         finally:
             conn.stop()
         return self.call("tasks", "get", {"task": task})
 
 
-def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Run experiment 1 (``basic``) or 2 (``failover``); return the result summary."""
+def _log_to(path: Path, *loggers: str) -> None:
+    """Send these libraries' logs to a file of the demo instead of the user's terminal."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in loggers:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
+@dataclass
+class DevicePhase:
+    text: str = "waiting for an offer"
+    task: str | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # task -> why it failed here
+
+
+class FleetView:
+    """What each device is doing, read from the events the edges and the cloud publish on
+    ``tasks/+/events`` -- the same stream the dashboards show."""
+
+    def __init__(self, devices: tuple[str, ...], on_change: Callable[[str, str], None] | None = None) -> None:
+        self.devices = devices
+        self.phases = {device: DevicePhase() for device in devices}
+        self.totals: dict[str, int] = {}
+        self.on_change = on_change or (lambda device, text: None)
+        self._lock = threading.Lock()
+
+    def on_announcement(self, body: dict[str, Any]) -> None:
+        if isinstance(body.get("total_rounds"), int):
+            self.totals[str(body.get("id"))] = body["total_rounds"]
+
+    def on_event(self, message: Any) -> None:
+        try:
+            body, _ = codec.decode(message.payload)
+        except codec.CodecError:
+            return
+        task = message.topic.split("/")[-2]
+        event = EventRecord.from_wire(body, task)
+        if event is None or event.device not in self.phases:
+            return
+        text = self._describe(event)
+        if text is None:
+            return
+        with self._lock:
+            phase = self.phases[event.device]
+            if event.kind == "client_error":
+                phase.failed[task] = str(event.data.get("cause"))
+            changed = phase.text != text
+            phase.text, phase.task = text, task
+        if changed:
+            self.on_change(event.device, text)
+
+    def _describe(self, event: EventRecord) -> str | None:
+        task, data = event.task, event.data
+        if event.kind == "device_requested":
+            return f"offered {task}"
+        if event.kind == "bundle_fetch_started":
+            return f"fetching {task} ({data.get('missing')} of {data.get('chunks')} chunks to get)"
+        if event.kind == "bundle_fetched":
+            return f"fetched {task} ({data.get('bytes')} bytes in {data.get('seconds')} s)"
+        if event.kind == "client_started":
+            return f"starting {task}"
+        if event.kind == "client_round":
+            total = self.totals.get(str(task))
+            return f"training {task} round {data.get('round')}/{total or '?'}"
+        if event.kind == "client_error":
+            until = data.get("quarantined_until")
+            when = time.strftime("%H:%M:%S", time.localtime(until)) if isinstance(until, (int, float)) else "?"
+            return f"failed {task}: {data.get('cause')} (quarantined until {when})"
+        if event.kind == "client_finished":
+            return f"finished {task}"
+        if event.kind == "client_stopped":
+            return f"stopped {task}"
+        return None
+
+    def all_failed(self, task: str) -> str | None:
+        """When every device has failed ``task``, why (one line per device); otherwise None."""
+        with self._lock:
+            causes = {device: phase.failed.get(task) for device, phase in self.phases.items()}
+        if all(causes.values()):
+            return f"every device failed task {task}:\n" + "\n".join(
+                f"  {device}: {cause}" for device, cause in causes.items())
+        return None
+
+    def rows(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(device, phase.text) for device, phase in self.phases.items()]
+
+
+def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, view: FleetView | None = None,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run experiment 1 (``basic``) or 2 (``failover``); return the result summary.  Fails fast
+    (``DemoError`` with each device's cause) once every device has failed task C."""
+    view = view or FleetView(cluster.devices)
+    assert cluster.operator is not None
+    cluster.operator.connection.subscribe(Topics().all_task_events(), view.on_event, qos=1)
+
+    def on_update(body: dict[str, Any]) -> None:
+        view.on_announcement(body)
+        if progress is not None:
+            progress(body)
+
     cluster.wait_for(cluster.devices_online, 60, "both edge agents to come online")
     good = cluster.push("digits")
     tasks = []
@@ -217,7 +324,7 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Cal
     tasks.append("C")
     for task in tasks:
         cluster.call("tasks", "start", {"task": task})
-    final = cluster.wait_task("C", on_update=progress)
+    final = cluster.wait_task("C", timeout=240.0, on_update=on_update, give_up=lambda: view.all_failed("C"))
     if scenario == "failover":
         cluster.call("tasks", "stop", {"task": "E"})
 
@@ -253,37 +360,86 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, progress: Cal
     return result
 
 
+class DemoScreen:
+    """The demo's live view: task C's rounds and each device's phase.  On a terminal a table
+    redrawn in place; elsewhere (CI, a log) one line per change."""
+
+    def __init__(self, console: Any, devices: tuple[str, ...], rounds: int) -> None:
+        self.console = console
+        self.rounds = rounds
+        self.task_line = "task C: not started"
+        self.view = FleetView(devices, self._on_device)
+        self._live: Any = None
+
+    def __enter__(self) -> "DemoScreen":
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def _render(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self.task_line, title_justify="left", show_edge=False)
+        table.add_column("device")
+        table.add_column("phase")
+        for device, text in self.view.rows():
+            style = "red" if text.startswith("failed") else "green" if text.startswith("finished") else ""
+            table.add_row(device, f"[{style}]{text}[/]" if style else text)
+        return table
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _on_device(self, device: str, text: str) -> None:
+        if self._live is None:
+            self.console.print(f"{device}: {text}", highlight=False, markup=False)
+        self._refresh()
+
+    def on_task(self, body: dict[str, Any]) -> None:
+        if body.get("id") != "C":
+            return
+        line = (f"task C: {body.get('state')}, round {body.get('round') or 0}/"
+                f"{body.get('total_rounds') or self.rounds}")
+        if line != self.task_line:
+            self.task_line = line
+            if self._live is None:
+                self.console.print(line, highlight=False)
+            self._refresh()
+
+
 def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console: Any) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     if scenario not in ("basic", "failover"):
         raise DemoError("scenario must be basic or failover")
-    interrupted = threading.Event()
+    workdir = absolute(workdir)
 
     def on_term(*_: Any) -> None:
-        interrupted.set()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     cluster = DemoCluster(workdir, broker)
+    started = time.monotonic()
     try:
         console.print(f"[bold]fedmq demo[/bold] ({scenario}): starting broker, cloud and {len(cluster.devices)} edge agents…")
         cluster.start()
         console.print(f"broker {cluster.url}; logs in {workdir / 'logs'}")
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console) as bar:
-            bar_id = bar.add_task("training C", total=rounds)
-
-            def progress(body: dict[str, Any]) -> None:
-                if body.get("id") == "C":
-                    bar.update(bar_id, completed=body.get("round") or 0, total=body.get("total_rounds") or rounds,
-                               description=f"training C ({body.get('state')})")
-
-            result = run_scenario(cluster, scenario, rounds, progress)
+        with DemoScreen(console, cluster.devices, rounds) as screen:
+            result = run_scenario(cluster, scenario, rounds, screen.view, screen.on_task)
     finally:
         cluster.stop()
         signal.signal(signal.SIGTERM, previous)
+    result["seconds"] = round(time.monotonic() - started, 1)
     (workdir / "events.json").write_text(json.dumps(result["events"], indent=2))
     if result["metrics"]:
         try:
@@ -304,5 +460,5 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
     if scenario == "failover":
         console.print(f"failover (error on E -> C training), per device: {result['failover_s']}")
     console.print(f"events: {workdir / 'events.json'}   summary: {workdir / 'result.json'}   "
-                  f"plot: {workdir / 'metrics.png'}")
+                  f"plot: {workdir / 'metrics.png'}   ({result['seconds']:.0f} s)")
     return summary

@@ -30,7 +30,7 @@ def first(events: list[dict], kind: str, **match: Any) -> float:
 
 
 def test_experiment_1_timeline_and_accuracy(cluster: DemoCluster) -> None:
-    result = run_scenario(cluster, "basic", 3, lambda body: None)
+    result = run_scenario(cluster, "basic", 3)
     assert result["task"]["state"] == "finished" and result["accuracy"] >= 0.90
     events = result["events"]
     created, started = first(events, "task_created"), first(events, "task_started")
@@ -48,7 +48,7 @@ def test_experiment_1_timeline_and_accuracy(cluster: DemoCluster) -> None:
 
 
 def test_experiment_2_failover(cluster: DemoCluster) -> None:
-    result = run_scenario(cluster, "failover", 3, lambda body: None)
+    result = run_scenario(cluster, "failover", 3)
     assert result["task"]["state"] == "finished" and result["accuracy"] >= 0.90
     events = result["events"]
     for device in cluster.devices:
@@ -148,3 +148,31 @@ def test_cloud_killed_during_training(cluster: DemoCluster) -> None:
     cluster.call("tasks", "start", {"task": "again"})
     final = cluster.wait_task("again", 120)
     assert final["state"] == "finished" and final["metrics"]["central_accuracy"] > 0.85
+
+
+def test_the_demo_fails_fast_with_every_devices_cause(embedded_broker: Any, tmp_path: Path) -> None:
+    """A task that fails on every device ends the demo within seconds, with each device's
+    cause, instead of a timeout minutes later (the FileNotFoundError of a relative data path)."""
+    import shutil
+
+    from fedmq.demo import EXAMPLES, DemoError, FleetView
+
+    examples = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, examples, ignore=shutil.ignore_patterns("__pycache__"))
+    client = examples / "digits" / "client.py"
+    client.write_text("raise FileNotFoundError(\"No such file or directory: 'data/dev-1/train.npz'\")\n"
+                      + client.read_text())
+    seen: list[tuple[str, str]] = []
+    with DemoCluster(tmp_path / "demo", embedded_broker.url, examples=examples) as cluster:
+        view = FleetView(cluster.devices, lambda device, text: seen.append((device, text)))
+        started = time.monotonic()
+        with pytest.raises(DemoError) as failure:
+            run_scenario(cluster, "basic", 3, view)
+        elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert message.startswith("every device failed task C")
+    for device in cluster.devices:
+        assert f"{device}: exit code 1: FileNotFoundError" in message
+        assert any(d == device and text.startswith("failed C: exit code 1: FileNotFoundError")
+                   and "quarantined until" in text for d, text in seen)
+    assert elapsed < 60
