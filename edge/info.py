@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RELEVANT_PACKAGES = ("torch", "torchvision", "flwr", "numpy", "scikit-learn", "scipy", "pandas", "tensorflow")
+RELEVANT_PACKAGES = ("fedmq", "torch", "torchvision", "flwr", "numpy", "scikit-learn", "scipy", "pandas", "tensorflow")
 
 
 def installed_packages(names: tuple[str, ...] = RELEVANT_PACKAGES) -> dict[str, str]:

@@ -85,10 +85,11 @@ class BundleManifest:
         return TaskManifest.from_dict(self.task)
 
     def signed_bytes(self) -> bytes:
-        """What the signature covers: canonical JSON of everything but the chunking."""
+        """What the signature covers: canonical JSON of everything but the chunking (sorted keys,
+        no white space, non-ASCII escaped; defined in docs/bundles.md)."""
         body = {"format": self.format, "digest": self.digest, "size": self.size,
                 "files": [vars(f) for f in self.files], "task": self.task}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     def sign(self, key: SigningKey) -> None:
         self.signer, self.signature = key.key_id, key.sign(self.signed_bytes())

@@ -301,3 +301,27 @@ def test_hostile_manifests_are_refused(bad: dict, tmp_path: Path) -> None:
     with pytest.raises(BundleError) as err:
         BundleManifest.from_wire({**good, **bad})
     assert err.value.code == "bad_manifest"
+
+
+def test_the_signed_bytes_are_the_documented_canonical_json(tmp_path: Path, keys: dict[str, Any]) -> None:
+    """docs/bundles.md defines what is signed; a verifier written from that page alone (sorted
+    keys, no white space, non-ASCII escaped) must verify a non-ASCII description."""
+    import base64
+
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    folder = tmp_path / "task"
+    shutil.copytree(TASK, folder)
+    toml = (folder / "fedmq.toml").read_text()
+    description = toml.split("description = ", 1)[1].split("\n", 1)[0]
+    (folder / "fedmq.toml").write_text(toml.replace(description, '"Réseau — 日本"', 1), encoding="utf-8")
+    manifest = build_bundle(folder, tmp_path / "b.tar.gz", key=keys["signing"])
+    wire = json.loads(json.dumps(manifest.to_wire()))  # as a device receives it
+    body = {k: wire[k] for k in ("format", "digest", "size", "files", "task")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    assert b"\\u00e9" in canonical and "Réseau".encode() not in canonical
+    public = load_pem_public_key(keys["pub"].read_bytes())
+    public.verify(base64.b64decode(wire["signature"]), canonical)  # raises if not
+    raw_utf8 = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    with pytest.raises(Exception):
+        public.verify(base64.b64decode(wire["signature"]), raw_utf8)
