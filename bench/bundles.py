@@ -26,22 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.connection import MqttConnection, new_client_id  # noqa: E402
-from broker.mosquitto import MosquittoProcess  # noqa: E402
-from broker.net import free_port, wait_for_port  # noqa: E402
-from broker.rpc_client import RpcClient  # noqa: E402
-from broker.topics import Topics  # noqa: E402
-from cloud.app import CloudApp, CloudConfig  # noqa: E402
-from cloud.bundle_client import push_folder  # noqa: E402
-from ftdl.signing import SigningKey, TrustStore, generate_keypair  # noqa: E402
+from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
+from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
+from fedmq.broker.net import free_port, wait_for_port  # noqa: E402
+from fedmq.broker.rpc_client import RpcClient  # noqa: E402
+from fedmq.broker.topics import Topics  # noqa: E402
+from fedmq.cloud.app import CloudApp, CloudConfig  # noqa: E402
+from fedmq.cloud.bundle_client import push_folder  # noqa: E402
+from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair  # noqa: E402
 
 TASK = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "numpy_fl"
 
 
 def edge_fetch(url: str, digest: str, cache: str, pub: str, go: Any, ready: Any, out: Any) -> None:
-    from edge.bundle_fetch import BundleFetcher
+    from fedmq.edge.bundle_fetch import BundleFetcher
 
     conn = MqttConnection(new_client_id("bench-edge"), url).start()
     fetcher = BundleFetcher(conn, Topics(), cache, trust=TrustStore.from_paths([pub]))

@@ -23,9 +23,8 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.mosquitto import MosquittoProcess  # noqa: E402
+from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
 from fedmq.demo import DemoCluster, run_scenario  # noqa: E402
 
 AGATA = {"client_start_s": [1.9, 5.2], "error_handling_s": 0.81, "polling_interval_s": 10}

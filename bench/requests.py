@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.rpc import percentiles, run_threads  # noqa: E402
-from broker.connection import MqttConnection, new_client_id  # noqa: E402
-from broker.mosquitto import MosquittoProcess  # noqa: E402
-from broker.rpc_client import RpcClient  # noqa: E402
-from cloud.bundle_client import push_folder  # noqa: E402
+from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
+from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
+from fedmq.broker.rpc_client import RpcClient  # noqa: E402
+from fedmq.cloud.bundle_client import push_folder  # noqa: E402
 
 IDLE_TASK = {
     "fedmq.toml": '[task]\nname = "idle"\n[server]\nentry = "server.py"\n[client]\nentry = "client.py"\n'

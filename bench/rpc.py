@@ -20,16 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from broker.connection import MqttConnection, new_client_id  # noqa: E402
-from broker.embedded import EmbeddedBroker  # noqa: E402
-from broker.mosquitto import MosquittoProcess  # noqa: E402
-from broker.rpc_client import RpcClient  # noqa: E402
-from broker.rpc_server import RpcServer, Service  # noqa: E402
+from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
+from fedmq.broker.embedded import EmbeddedBroker  # noqa: E402
+from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
+from fedmq.broker.rpc_client import RpcClient  # noqa: E402
+from fedmq.broker.rpc_server import RpcServer, rpc  # noqa: E402
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -82,17 +81,19 @@ def raw_paho_round_trip(host: str, port: int, n: int) -> dict[str, float]:
     return percentiles(samples)
 
 
-def serve_echo(url: str, ready: Any, stop: Any) -> None:
-    """The service under test, in its own process as it is deployed (no GIL shared with callers)."""
-    service = Service("bench")
+class BenchService:
+    name = "bench"
 
-    @service.method
-    def echo(x: int) -> int:
+    @rpc
+    def echo(self, x: int) -> int:
         return x
 
+
+def serve_echo(url: str, ready: Any, stop: Any) -> None:
+    """The service under test, in its own process as it is deployed (no GIL shared with callers)."""
     conn = MqttConnection("bench-svc", url).start()
     server = RpcServer(conn, workers=8)
-    server.add(service)
+    server.add(BenchService())
     server.start()
     ready.set()
     stop.wait()

@@ -1,12 +1,12 @@
 """fedmq's messaging layer: connections, codec, topics, RPC, and the embedded broker."""
 
-from broker.codec import Codec, CodecError, decode, encode
-from broker.connection import BrokerSettings, BrokerUnavailable, MqttConnection, Will
-from broker.envelope import ErrorCode, RpcError
-from broker.rpc_client import RpcClient
-from broker.rpc_server import CallContext, RpcServer, Service
-from broker.topics import Topics
+from fedmq.broker.codec import Codec, CodecError, decode, encode
+from fedmq.broker.connection import BrokerSettings, BrokerUnavailable, MqttConnection, Will
+from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.rpc_server import CallContext, RpcServer, rpc
+from fedmq.broker.topics import Topics
 
 __all__ = ["BrokerSettings", "BrokerUnavailable", "CallContext", "Codec", "CodecError",
-           "ErrorCode", "MqttConnection", "RpcClient", "RpcError", "RpcServer", "Service",
+           "ErrorCode", "MqttConnection", "RpcClient", "RpcError", "RpcServer", "rpc",
            "Topics", "Will", "decode", "encode"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 import msgpack
 
 
-class Codec(str, Enum):
+class Codec(StrEnum):
     MSGPACK = "msgpack"
     JSON = "json"
 

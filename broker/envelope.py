@@ -7,15 +7,16 @@ works on MQTT 3.1.1 -- the embedded broker and many devices speak nothing newer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENVELOPE_VERSION = 1
 MAX_ID_LENGTH = 128
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     UNKNOWN_METHOD = "unknown_method"
     INVALID_ARGS = "invalid_args"
@@ -52,21 +53,30 @@ class EnvelopeError(ValueError):
         self.reply_to = reply_to
 
 
-@dataclass
-class Request:
-    id: str
+_REQUEST_FIELDS = ("v", "id", "method", "args", "reply_to", "deadline")
+
+
+class Request(BaseModel):
+    """A request envelope: ``{v, id, method?, args, reply_to, deadline?}``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    id: Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
     method: str
-    args: dict[str, Any]
+    args: dict[str, Any] = Field(default_factory=dict)
     reply_to: str
     deadline: float | None = None
-    v: int = ENVELOPE_VERSION
+    v: Literal[1] = ENVELOPE_VERSION
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _deadline(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError("'deadline' must be a number (unix seconds)")
+        return float(value) if value is not None else None
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {"v": self.v, "id": self.id, "method": self.method, "args": self.args,
-                "reply_to": self.reply_to}
-        if self.deadline is not None:
-            wire["deadline"] = self.deadline
-        return wire
+        return self.model_dump(exclude_none=True)
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) > self.deadline
@@ -74,7 +84,9 @@ class Request:
     @classmethod
     def from_wire(cls, obj: Any, *, method: str, reply_to: str | None = None) -> "Request":
         """Validate a decoded request.  ``method`` comes from the topic, which is authoritative;
-        ``reply_to`` may come from the MQTT 5 response-topic property."""
+        ``reply_to`` may come from the MQTT 5 response-topic property.  An ``EnvelopeError``
+        carries the id and reply topic when they could be read, so the caller still gets an
+        answer."""
         if not isinstance(obj, dict):
             raise EnvelopeError(f"request must be an object, got {type(obj).__name__}")
         raw_id = obj.get("id")
@@ -89,34 +101,40 @@ class Request:
             what = "missing 'id'" if raw_id is None else \
                 f"'id' must be a string of 1-{MAX_ID_LENGTH} characters"
             raise EnvelopeError(what, None, reply_to)
-        version = obj.get("v", ENVELOPE_VERSION)
-        if version != ENVELOPE_VERSION:
-            raise EnvelopeError(f"unsupported envelope version {version!r}", request_id, reply_to)
-        wire_method = obj.get("method")
-        if wire_method is not None and wire_method != method:
-            raise EnvelopeError(f"'method' {wire_method!r} does not match the topic's {method!r}",
-                                request_id, reply_to)
-        args = obj.get("args", {})
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            raise EnvelopeError("'args' must be an object of named arguments", request_id, reply_to)
-        deadline = obj.get("deadline")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
-            raise EnvelopeError("'deadline' must be a number (unix seconds)", request_id, reply_to)
-        unknown = set(obj) - {"v", "id", "method", "args", "reply_to", "deadline"}
+        unknown = set(obj) - set(_REQUEST_FIELDS)
         if unknown:
             raise EnvelopeError(f"unknown envelope fields: {sorted(unknown)}", request_id, reply_to)
-        return cls(id=request_id, method=method, args=args, reply_to=reply_to,
-                   deadline=float(deadline) if deadline is not None else None)
+        if obj.get("method") is not None and obj["method"] != method:
+            raise EnvelopeError(f"'method' {obj['method']!r} does not match the topic's {method!r}",
+                                request_id, reply_to)
+        body = {**obj, "method": method, "reply_to": reply_to}
+        if body.get("args") is None:
+            body["args"] = {}
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise EnvelopeError(_envelope_problem(exc), request_id, reply_to) from None
 
 
-@dataclass
-class Reply:
+def _envelope_problem(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else "request"
+    if field == "args":
+        return "'args' must be an object of named arguments"
+    if field == "v":
+        return f"unsupported envelope version {error.get('input')!r}"
+    return error["msg"].removeprefix("Value error, ") if field == "deadline" else f"'{field}': {error['msg']}"
+
+
+class Reply(BaseModel):
+    """A reply envelope: ``{v, id, ok: true, result}`` or ``{v, id, ok: false, error}``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
     id: str | None
     ok: bool
     result: Any = None
-    error: dict[str, Any] | None = field(default=None)
+    error: dict[str, Any] | None = None
     v: int = ENVELOPE_VERSION
 
     @classmethod
@@ -134,17 +152,15 @@ class Reply:
 
     @classmethod
     def from_wire(cls, obj: Any) -> "Reply":
-        if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
+        if not isinstance(obj, dict):
             raise EnvelopeError("reply must be an object with a boolean 'ok'")
-        reply_id = obj.get("id")
-        if reply_id is not None and not isinstance(reply_id, str):
-            raise EnvelopeError("reply 'id' must be a string")
-        if obj["ok"]:
-            return cls(id=reply_id, ok=True, result=obj.get("result"))
-        error = obj.get("error")
-        if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        try:
+            reply = cls.model_validate({"id": obj.get("id"), **{k: v for k, v in obj.items() if k != "id"}})
+        except ValidationError as exc:
+            raise EnvelopeError(f"malformed reply: {exc.errors(include_url=False)[0]['msg']}") from None
+        if not reply.ok and (reply.error is None or not isinstance(reply.error.get("code"), str)):
             raise EnvelopeError("failed reply needs an 'error' object with a 'code'")
-        return cls(id=reply_id, ok=False, error=error)
+        return reply
 
     def raise_for_error(self) -> Any:
         if self.ok:

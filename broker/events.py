@@ -1,47 +1,133 @@
-"""The wire shape of an event on ``tasks/<task>/events`` and ``events/<component>``: one
-definition for the cloud that records and publishes events and the edges that publish theirs."""
+"""Events: the wire shape of a step on ``tasks/<task>/events`` and ``events/<component>``, the
+vocabulary of kinds, and the one function that publishes them -- for the cloud, which records
+and publishes its steps, and the edges, which publish theirs."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Annotated, Any
 
-from broker.topics import TopicError, check_id
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedmq.broker import codec
+from fedmq.broker.topics import TopicError, Topics, check_id
 
 MAX_KIND_LENGTH = 64
 
 
-@dataclass
-class EventRecord:
-    ts: float
-    component: str
-    kind: str
-    task: str | None
-    device: str | None
-    run: int | None
-    data: dict[str, Any]
+class EventKind(StrEnum):
+    """Every kind fedmq itself emits (others may publish kinds of their own)."""
+
+    # the cloud, about tasks
+    TASK_CREATED = "task_created"
+    TASK_UPDATED = "task_updated"
+    TASK_DELETED = "task_deleted"
+    TASK_STARTED = "task_started"
+    TASK_FINISHED = "task_finished"
+    TASK_FAILED = "task_failed"
+    TASK_STOPPED = "task_stopped"
+    ROUND_DONE = "round_done"
+    ROUND_METRICS = "round_metrics"
+    SERVER_ERROR = "server_error"
+    SERVER_INFO = "server_info"
+    SERVER_FINISHED = "server_finished"
+    SERVER_TRIGGER_STARTED = "server_trigger_started"
+    SERVER_TRIGGER_RESULT = "server_trigger_result"
+    SERVER_TRIGGER_REFUSED = "server_trigger_refused"
+    # the cloud, about devices
+    DEVICE_REGISTERED = "device_registered"
+    DEVICE_ONLINE = "device_online"
+    DEVICE_OFFLINE = "device_offline"
+    DEVICE_REQUESTED = "device_requested"
+    # the edges
+    BUNDLE_FETCH_STARTED = "bundle_fetch_started"
+    BUNDLE_FETCHED = "bundle_fetched"
+    BUNDLE_REFUSED = "bundle_refused"
+    CLIENT_STARTED = "client_started"
+    CLIENT_ROUND = "client_round"
+    CLIENT_PROGRESS = "client_progress"
+    CLIENT_INFO = "client_info"
+    CLIENT_ERROR_REPORT = "client_error_report"
+    CLIENT_TRIGGER_RESULT = "client_trigger_result"
+    CLIENT_TRIGGER_REFUSED = "client_trigger_refused"
+    CLIENT_FINISHED = "client_finished"
+    CLIENT_STOPPED = "client_stopped"
+    CLIENT_ERROR = "client_error"
+
+
+def _number_or_now(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
+
+
+class EventRecord(BaseModel):
+    """``{ts, component, kind, task, device, run, data}``.  Parsing another party's event is
+    lenient where being strict would lose a step for nothing (an odd timestamp becomes now, an
+    odd run or data is dropped) and strict where it matters (kind, device id)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ts: float = Field(default_factory=time.time)
+    component: str = ""
+    kind: Annotated[str, Field(min_length=1, max_length=MAX_KIND_LENGTH)]
+    task: str | None = None
+    device: str | None = None
+    run: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, value: Any) -> float:
+        return _number_or_now(value)
+
+    @field_validator("component", mode="before")
+    @classmethod
+    def _component(cls, value: Any) -> str:
+        return value if isinstance(value, str) else ""
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("kind must be a string")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        return None if value is None else check_id(value, "device")
+
+    @field_validator("run", mode="before")
+    @classmethod
+    def _run(cls, value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_wire(cls, body: Any, task: str) -> "EventRecord | None":
-        """An event as another party published it, or None if it is not one.  Types are checked,
-        ids are checked like topic levels; a missing or odd timestamp becomes now."""
+        """An event as another party published it on ``tasks/<task>/events`` (the topic names the
+        task), or None if it is not one."""
         if not isinstance(body, dict):
             return None
-        kind, device, component = body.get("kind"), body.get("device"), body.get("component")
-        if not isinstance(kind, str) or not kind or len(kind) > MAX_KIND_LENGTH:
+        try:
+            return cls.model_validate({**body, "task": task})
+        except (ValidationError, TopicError):
             return None
-        if device is not None:
-            try:
-                check_id(device, "device")
-            except TopicError:
-                return None
-        ts, run, data = body.get("ts"), body.get("run"), body.get("data")
-        return cls(ts=float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else time.time(),
-                   component=component if isinstance(component, str) else "",
-                   kind=kind, task=task, device=device,
-                   run=run if isinstance(run, int) and not isinstance(run, bool) else None,
-                   data=data if isinstance(data, dict) else {})
+
+
+def publish_event(connection: Any, topics: Topics, record: EventRecord, *, qos: int = 1,
+                  component_topic: bool = False) -> None:
+    """Publish an event as JSON on its task's topic (when it has a task) and, with
+    ``component_topic``, on ``events/<component>`` too.  ``connection`` is an ``MqttConnection``."""
+    payload = codec.encode(record.to_wire(), codec.Codec.JSON)
+    if record.task:
+        connection.publish(topics.task_events(record.task), payload, qos=qos)
+    if component_topic:
+        connection.publish(topics.events(record.component), payload, qos=qos)

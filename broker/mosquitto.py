@@ -8,14 +8,16 @@ what must differ per instance -- the listener, the persistence folder and the au
 from __future__ import annotations
 
 import os
+from importlib import resources
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from broker.net import free_port, wait_for_port
+from fedmq.broker.net import free_port, wait_for_port
 
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+# The repository's top-level mosquitto.conf, shipped as package data (broker/mosquitto.conf links to it).
+REPO_CONFIG = Path(str(resources.files("fedmq.broker") / "mosquitto.conf"))
 # Settings replaced per instance; everything else is kept verbatim.
 _REPLACED = ("listener", "persistence_location", "pid_file", "user", "password_file", "acl_file",
              "allow_anonymous", "cafile", "certfile", "keyfile", "require_certificate", "log_dest")

@@ -10,33 +10,56 @@ device offline.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Annotated, Any
 
-from broker import codec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ONLINE, OFFLINE = "online", "offline"
+from fedmq.broker import codec
 
 
-@dataclass
-class Presence:
-    state: str
-    session: int
-    ts: float = field(default_factory=time.time)
+class PresenceState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+ONLINE, OFFLINE = PresenceState.ONLINE, PresenceState.OFFLINE
+
+
+class Presence(BaseModel):
+    """``{"state": "online"|"offline", "session": N, "ts": unix seconds}``"""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    state: PresenceState
+    session: Annotated[int, Field(ge=0)]
+    ts: float = Field(default_factory=time.time)
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _state(cls, value: Any) -> Any:
+        return PresenceState(value) if value in ("online", "offline") else value
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, value: Any) -> float:
+        # A missing or odd timestamp is not worth refusing presence for: it becomes now.
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
 
     def encode(self) -> bytes:
-        return codec.encode(asdict(self), codec.Codec.JSON)
+        return codec.encode(self.model_dump(mode="json"), codec.Codec.JSON)
 
     @classmethod
     def decode(cls, payload: bytes) -> "Presence":
         body, _ = codec.decode(payload)
-        if not isinstance(body, dict) or body.get("state") not in (ONLINE, OFFLINE):
-            raise ValueError("presence needs state 'online' or 'offline'")
-        session, ts = body.get("session"), body.get("ts", time.time())
-        if not isinstance(session, int) or isinstance(session, bool) or session < 0:
-            raise ValueError("presence needs a non-negative integer session")
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-            ts = time.time()
-        return cls(body["state"], session, float(ts))
+        if not isinstance(body, dict):
+            raise ValueError("presence must be an object")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            fields = sorted({str(e["loc"][0]) for e in exc.errors(include_url=False) if e["loc"]})
+            raise ValueError(f"presence needs state 'online' or 'offline' and a non-negative integer "
+                             f"session (bad: {', '.join(fields)})") from None
 
 
 def newer(incoming: Presence, known_session: int, known_online: bool) -> tuple[bool, bool]:

@@ -11,8 +11,8 @@ from typing import Iterator, Protocol
 
 import pytest
 
-from broker.embedded import EmbeddedBroker
-from broker.mosquitto import MosquittoNotInstalled, MosquittoProcess
+from fedmq.broker.embedded import EmbeddedBroker
+from fedmq.broker.mosquitto import MosquittoNotInstalled, MosquittoProcess
 
 BROKER_KINDS = ("amqtt", "mosquitto")
 

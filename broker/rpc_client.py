@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
-from broker.topics import Topics, check_id
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
+from fedmq.broker.topics import Topics, check_id
 
 log = logging.getLogger("fedmq.broker.rpc")
 

@@ -1,11 +1,14 @@
 """RPC services over MQTT.
 
-A ``Service`` declares methods with a decorator; each method's type hints are its argument
-schema (checked strictly by pydantic: no coercion of ``"1"`` into ``1``, no unknown arguments).
-``RpcServer`` subscribes ``<prefix>/rpc/<service>/+/+`` for each service and answers on the
-request's ``reply_to``, in the request's codec, with stable error codes.  Nothing a caller sends
-can stop it: every failure becomes an error reply or, where no reply topic is known, a logged
-drop.
+A service is a plain class with a ``name`` and methods marked ``@rpc``; each method's type hints
+are its argument schema (checked strictly by pydantic: no coercion of ``"1"`` into ``1``, no
+unknown arguments), and ``@rpc(roles=...)`` is where the roles a method admits are declared.
+``RpcServer.add(instance)`` serves it on ``<prefix>/rpc/<name>/+/+``, answering on the request's
+``reply_to``, in the request's codec, with stable error codes -- every service also answers
+``ping`` and ``describe``.  Handlers raise the domain's own errors (``fedmq.broker.errors``);
+``ERROR_CODES`` below is the one place that turns them into codes.  Nothing a caller sends can
+stop the server: every failure becomes an error reply or, where no reply topic is known, a
+logged drop.
 """
 
 from __future__ import annotations
@@ -21,23 +24,39 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, get_type_hints
+from typing import Any, Callable, TypeVar, get_type_hints
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
-from broker.topics import Topics, TopicError, check_id
-from fedmq import __version__
+from fedmq import __version__  # the package root: the version, nothing else
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
+from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
+from fedmq.broker.topics import Topics, TopicError, check_id
 
 log = logging.getLogger("fedmq.broker.rpc")
 
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 _DEDUP_SIZE = 2048
+
+# The one map from what the domain says went wrong to the code a caller sees.
+ERROR_CODES: dict[type[FedmqError], ErrorCode] = {
+    NotFound: ErrorCode.NOT_FOUND,
+    Conflict: ErrorCode.CONFLICT,
+    Invalid: ErrorCode.INVALID_ARGS,
+    Forbidden: ErrorCode.FORBIDDEN,
+}
+
+
+def error_code(exc: FedmqError) -> ErrorCode:
+    for kind in type(exc).__mro__:
+        if kind in ERROR_CODES:
+            return ERROR_CODES[kind]  # type: ignore[index]
+    return ErrorCode.INTERNAL
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,27 @@ class CallContext:
     codec: codec.Codec
 
 
+@dataclass(frozen=True)
+class RpcDeclaration:
+    """What ``@rpc`` records on a method: its wire name and the roles it admits (``None``: not
+    declared yet, admitted to every caller)."""
+
+    name: str | None
+    roles: frozenset[str] | None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_MARK = "__fedmq_rpc__"
+
+
+def rpc(fn: F | None = None, *, name: str | None = None, roles: frozenset[str] | set[str] | None = None) -> Any:
+    """Mark a method of a service class as callable over RPC (``@rpc`` or ``@rpc(name=...)``)."""
+    def mark(method: F) -> F:
+        setattr(method, _MARK, RpcDeclaration(name, frozenset(roles) if roles is not None else None))
+        return method
+    return mark(fn) if fn is not None else mark
+
+
 @dataclass
 class MethodSpec:
     name: str
@@ -58,6 +98,7 @@ class MethodSpec:
     args_model: type[BaseModel]
     context_param: str | None
     doc: str
+    roles: frozenset[str] | None = None
 
 
 def _args_model(name: str, handler: Callable[..., Any]) -> tuple[type[BaseModel], str | None]:
@@ -77,26 +118,27 @@ def _args_model(name: str, handler: Callable[..., Any]) -> tuple[type[BaseModel]
     return model, context_param
 
 
-class Service:
-    """A named set of RPC methods.  Every service answers ``ping`` and ``describe``."""
+class ServedService:
+    """A service instance as the server holds it: its methods, plus ``ping`` and ``describe``."""
 
-    def __init__(self, name: str, version: str = __version__) -> None:
-        self.name = check_id(name, "service")
-        self.version = version
+    def __init__(self, instance: Any) -> None:
+        self.instance = instance
+        self.name = check_id(getattr(instance, "name", None), "service")
+        self.version = str(getattr(instance, "version", __version__))
         self.started_at = time.time()
         self.methods: dict[str, MethodSpec] = {}
-        self.method(self.ping)
-        self.method(self.describe)
+        for attr in dir(type(instance)):
+            declaration = getattr(getattr(type(instance), attr, None), _MARK, None)
+            if isinstance(declaration, RpcDeclaration):
+                self._register(getattr(instance, attr), declaration.name or attr, declaration.roles)
+        self._register(self.ping, "ping", None)
+        self._register(self.describe, "describe", None)
 
-    def method(self, handler: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
-        """Register ``handler`` (usable as ``@service.method`` or ``@service.method(name=...)``)."""
-        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            method_name = check_id(name or fn.__name__, "method")
-            model, context_param = _args_model(method_name, fn)
-            self.methods[method_name] = MethodSpec(method_name, fn, model, context_param,
-                                                   inspect.getdoc(fn) or "")
-            return fn
-        return register(handler) if handler is not None else register
+    def _register(self, handler: Callable[..., Any], name: str, roles: frozenset[str] | None) -> None:
+        method_name = check_id(name, "method")
+        model, context_param = _args_model(method_name, handler)
+        self.methods[method_name] = MethodSpec(method_name, handler, model, context_param,
+                                               inspect.getdoc(handler) or "", roles)
 
     def ping(self) -> dict[str, Any]:
         """Liveness: answers with the service's version and uptime."""
@@ -105,9 +147,10 @@ class Service:
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def describe(self) -> dict[str, Any]:
-        """The service's methods with their argument schemas (JSON Schema)."""
+        """The service's methods with their argument schemas (JSON Schema) and roles."""
         return {"service": self.name, "version": self.version, "methods": {
-            spec.name: {"doc": spec.doc, "args": spec.args_model.model_json_schema()}
+            spec.name: {"doc": spec.doc, "args": spec.args_model.model_json_schema(),
+                        "roles": sorted(spec.roles) if spec.roles is not None else None}
             for spec in self.methods.values()}}
 
 
@@ -126,7 +169,7 @@ def _to_wire(value: Any) -> Any:
 
 
 class RpcServer:
-    """Serves one or more ``Service`` objects on one connection."""
+    """Serves one or more service instances on one connection."""
 
     def __init__(self, connection: MqttConnection, topics: Topics | None = None, *,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, workers: int = 8,
@@ -135,28 +178,33 @@ class RpcServer:
         self.topics = topics or Topics()
         self.max_payload = max_payload
         self.shared_group = check_id(shared_group, "shared group") if shared_group else None
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, ServedService] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
         self._done: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
         self._running: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "errors": 0, "dropped": 0, "duplicates": 0}
 
-    def add(self, service: Service) -> Service:
-        self.services[service.name] = service
-        return service
+    def add(self, instance: Any) -> Any:
+        """Serve an instance of a service class (a ``name`` and ``@rpc`` methods)."""
+        served = ServedService(instance)
+        self.services[served.name] = served
+        return instance
+
+    def _filter(self, service: str) -> str:
+        topic_filter = self.topics.rpc_filter(service)
+        if self.shared_group:  # replicas share the load (MQTT 5 / Mosquitto >= 1.6 on 3.1.1)
+            topic_filter = f"$share/{self.shared_group}/{topic_filter}"
+        return topic_filter
 
     def start(self) -> "RpcServer":
-        for service in self.services.values():
-            topic_filter = self.topics.rpc_filter(service.name)
-            if self.shared_group:  # replicas share the load (MQTT 5 / Mosquitto >= 1.6 on 3.1.1)
-                topic_filter = f"$share/{self.shared_group}/{topic_filter}"
-            self.connection.subscribe(topic_filter, self._on_message, qos=1)
+        for name in self.services:
+            self.connection.subscribe(self._filter(name), self._on_message, qos=1)
         return self
 
     def stop(self) -> None:
-        for service in self.services.values():
-            self.connection.unsubscribe(self.topics.rpc_filter(service.name))
+        for name in self.services:
+            self.connection.unsubscribe(self._filter(name))
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # --- request path ----------------------------------------------------------------------
@@ -247,6 +295,9 @@ class RpcServer:
             kwargs[spec.context_param] = context
         try:
             return Reply.success(request.id, _to_wire(spec.handler(**kwargs)))
+        except FedmqError as exc:
+            self.stats["errors"] += 1
+            return Reply.failure(request.id, RpcError(error_code(exc), exc.message, exc.details))
         except RpcError as exc:
             self.stats["errors"] += 1
             return Reply.failure(request.id, exc)

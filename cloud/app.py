@@ -7,19 +7,26 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.connection import MqttConnection
-from broker.rpc_server import RpcServer
-from broker.topics import DEFAULT_PREFIX, Topics
-from cloud.bundle_service import make_bundle_service
-from cloud.bundle_store import BundlePublisher, BundleStore
-from cloud.db import open_database
-from cloud.devices import PresenceTracker, make_device_service
-from cloud.events import EventLog
-from cloud.task_service import make_event_service, make_task_service
-from cloud.tasks import TaskManager, TaskSettings
-from ftdl.bundle import DEFAULT_CHUNK_SIZE
-from ftdl.paths import absolute
-from ftdl.signing import TrustStore
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.rpc_server import RpcServer
+from fedmq.broker.topics import DEFAULT_PREFIX, Topics
+from fedmq.cloud.bundle_service import BundleService
+from fedmq.cloud.bundle_store import BundleStore
+from fedmq.cloud.db import open_database
+from fedmq.cloud.device_service import DeviceService
+from fedmq.cloud.devices import DeviceRegistry
+from fedmq.cloud.event_service import EventService
+from fedmq.cloud.events import EventLog
+from fedmq.cloud.inbound import Inbound
+from fedmq.cloud.mqtt_publisher import MqttPublisher
+from fedmq.cloud.run_history import RunHistory
+from fedmq.cloud.selection import Selection
+from fedmq.cloud.task_lifecycle import TaskLifecycle
+from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
+from fedmq.cloud.task_service import TaskService
+from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE
+from fedmq.ftdl.paths import absolute
+from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
 ALL_SERVICES = ("bundles", "devices", "tasks", "events")
@@ -48,6 +55,10 @@ class CloudConfig:
 
 
 class CloudApp:
+    """The cloud in one process: the domain (lifecycle, selection, run history, registry, bundle
+    store, event log), wired to MQTT through one connection -- the publisher port for what it
+    says, the inbound handlers for what it hears, the RPC server for what it is asked."""
+
     def __init__(self, config: CloudConfig) -> None:
         unknown = set(config.services) - set(ALL_SERVICES)
         if unknown:
@@ -59,20 +70,24 @@ class CloudApp:
         self.connection = MqttConnection(config.client_id, config.broker, persistent=True)
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else None
         self.store = BundleStore(self.home / "bundles", trust=trust, require_signed=config.require_signed)
-        self.publisher = BundlePublisher(self.connection, self.topics, self.store, config.chunk_size)
-        self.events = EventLog(self.connection, self.topics)
-        self.tasks = TaskManager(TaskSettings(home=self.home, broker_url=config.broker, prefix=config.prefix,
-                                              flower_bind=config.flower_bind,
-                                              flower_advertise=config.flower_advertise),
-                                 self.connection, self.topics, self.store, self.publisher, self.events)
-        self.presence = PresenceTracker(self.topics, self.events)
+        self.publisher = MqttPublisher(self.connection, self.topics, self.store, config.chunk_size)
+        self.events = EventLog(self.db, self.publisher)
+        settings = TaskSettings(home=self.home, broker_url=config.broker, prefix=config.prefix,
+                                flower_bind=config.flower_bind, flower_advertise=config.flower_advertise)
+        self.selection = Selection(self.db, self.events)
+        self.servers = ServerSupervisor(settings)
+        self.history = RunHistory(self.home)
+        self.tasks = TaskLifecycle(self.db, settings, self.store, self.publisher, self.events, self.selection,
+                                   self.servers, self.history)
+        self.registry = DeviceRegistry(self.db, self.events)
+        self.inbound = Inbound(self.registry, self.tasks, self.events)
         self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group)
-        makers = {"bundles": lambda: make_bundle_service(self.store, self.publisher),
-                  "devices": lambda: make_device_service(self.events),
-                  "tasks": lambda: make_task_service(self.tasks),
-                  "events": make_event_service}
+        services = {"bundles": lambda: BundleService(self.store, self.publisher),
+                    "devices": lambda: DeviceService(self.registry),
+                    "tasks": lambda: TaskService(self.tasks, self.selection, self.history),
+                    "events": EventService}
         for name in config.services:
-            self.server.add(makers[name]())
+            self.server.add(services[name]())
         self._stop = threading.Event()
         self._started_once = False
 
@@ -84,9 +99,9 @@ class CloudApp:
         self.connection.add_connect_listener(self._on_connect)
         self.connection.start(timeout=timeout)
         if "devices" in self.config.services:
-            self.connection.subscribe(self.topics.all_device_states(), self.presence.on_message)
+            self.connection.subscribe(self.topics.all_device_states(), self.inbound.on_presence)
         if "tasks" in self.config.services:
-            self.connection.subscribe(self.topics.all_task_events(), self.tasks.on_task_event, qos=0)
+            self.connection.subscribe(self.topics.all_task_events(), self.inbound.on_task_event, qos=0)
         self.server.start()
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from broker.rpc_client import RpcClient
-from ftdl.bundle import DEFAULT_CHUNK_SIZE, BundleManifest, build_bundle
-from ftdl.signing import SigningKey
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE, BundleManifest, build_bundle
+from fedmq.ftdl.signing import SigningKey
 
 
 @dataclass

@@ -1,34 +1,16 @@
 """The ``bundles`` RPC service: operators upload bundles in acknowledged chunks; the cloud
 verifies, stores and publishes them.  Operators never need write access to device-facing topics.
+The store raises ``BundleError`` kinds (not found, refused, invalid) that the RPC server maps.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from broker.envelope import ErrorCode, RpcError
-from broker.rpc_server import Service
-from broker.topics import TopicError, check_digest
-from cloud.bundle_store import BundlePublisher, BundleStore
-from ftdl.bundle import BundleError, BundleManifest
-
-# BundleError codes that mean "you sent something wrong" rather than "not here".
-_NOT_FOUND = {"not_found"}
-_FORBIDDEN = {"unsigned", "unknown_signer", "bad_signature"}
-
-
-def _rpc_error(exc: BundleError) -> RpcError:
-    code = ErrorCode.NOT_FOUND if exc.code in _NOT_FOUND else \
-        ErrorCode.FORBIDDEN if exc.code in _FORBIDDEN else ErrorCode.INVALID_ARGS
-    return RpcError(code, exc.message, {"reason": exc.code})
-
-
-def digest_arg(value: str) -> str:
-    """A bundle digest from a caller: 64 hex digits, or ``invalid_args``."""
-    try:
-        return check_digest(value)
-    except TopicError as exc:
-        raise RpcError(ErrorCode.INVALID_ARGS, str(exc)) from None
+from fedmq.broker.rpc_server import rpc
+from fedmq.cloud.bundle_store import BundleStore, bundle_digest
+from fedmq.cloud.ports import Publisher
+from fedmq.ftdl.bundle import BundleManifest
 
 
 def summary(manifest: BundleManifest) -> dict[str, Any]:
@@ -36,72 +18,54 @@ def summary(manifest: BundleManifest) -> dict[str, Any]:
             "files": len(manifest.files), "signer": manifest.signer}
 
 
-def make_bundle_service(store: BundleStore, publisher: BundlePublisher) -> Service:
-    service = Service("bundles")
+class BundleService:
+    name = "bundles"
 
-    @service.method
-    def upload_begin(manifest: dict[str, Any]) -> dict[str, Any]:
+    def __init__(self, store: BundleStore, publisher: Publisher) -> None:
+        self.store, self.publisher = store, publisher
+
+    @rpc
+    def upload_begin(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Start (or resume) an upload; answers the chunk indices still missing."""
-        try:
-            parsed = BundleManifest.from_wire(manifest, store.limits)
-            missing = store.begin(parsed)
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
-        return {"digest": parsed.digest, "missing": missing, "stored": not missing and store.has(parsed.digest)}
+        parsed = BundleManifest.from_wire(manifest, self.store.limits)
+        missing = self.store.begin(parsed)
+        return {"digest": parsed.digest, "missing": missing, "stored": not missing and self.store.has(parsed.digest)}
 
-    @service.method
-    def upload_chunk(digest: str, index: int, data: bytes) -> dict[str, Any]:
+    @rpc
+    def upload_chunk(self, digest: str, index: int, data: bytes) -> dict[str, Any]:
         """Store one chunk after checking it against the manifest's digest for it."""
-        try:
-            store.put_chunk(digest_arg(digest), index, data)
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
+        self.store.put_chunk(bundle_digest(digest), index, data)
         return {"index": index}
 
-    @service.method
-    def upload_commit(digest: str, publish: bool = True) -> dict[str, Any]:
+    @rpc
+    def upload_commit(self, digest: str, publish: bool = True) -> dict[str, Any]:
         """Verify the whole archive, keep it, and publish it as retained chunks."""
-        digest = digest_arg(digest)
-        try:
-            manifest = store.manifest(digest) if store.has(digest) else store.commit(digest)
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
+        digest = bundle_digest(digest)
+        manifest = self.store.manifest(digest) if self.store.has(digest) else self.store.commit(digest)
         if publish:
-            publisher.publish(digest)
+            self.publisher.publish_bundle(digest)
         return {**summary(manifest), "published": publish}
 
-    @service.method
-    def publish(digest: str) -> dict[str, Any]:
+    @rpc
+    def publish(self, digest: str) -> dict[str, Any]:
         """(Re)publish a stored bundle, e.g. after a broker lost its retained messages."""
-        digest = digest_arg(digest)
-        try:
-            manifest = publisher.publish(digest)
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
+        manifest = self.publisher.publish_bundle(bundle_digest(digest))
         return {**summary(manifest), "chunks": manifest.chunk_count, "chunk_size": manifest.chunk_size}
 
-    @service.method(name="list")
-    def list_() -> list[dict[str, Any]]:
+    @rpc(name="list")
+    def list_(self) -> list[dict[str, Any]]:
         """Every stored bundle."""
-        return [summary(m) for m in store.list()]
+        return [summary(m) for m in self.store.list()]
 
-    @service.method
-    def get(digest: str) -> dict[str, Any]:
+    @rpc
+    def get(self, digest: str) -> dict[str, Any]:
         """A stored bundle's full manifest."""
-        try:
-            return store.manifest(digest_arg(digest)).to_wire()
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
+        return self.store.manifest(bundle_digest(digest)).to_wire()
 
-    @service.method
-    def remove(digest: str) -> dict[str, Any]:
+    @rpc
+    def remove(self, digest: str) -> dict[str, Any]:
         """Delete a bundle from the store and clear its retained messages from the broker."""
-        digest = digest_arg(digest)
-        try:
-            publisher.clear(digest)
-        except BundleError as exc:
-            raise _rpc_error(exc) from None
-        store.remove(digest)
+        digest = bundle_digest(digest)
+        self.publisher.clear_bundle(digest)
+        self.store.remove(digest)
         return {"digest": digest, "removed": True}
-
-    return service

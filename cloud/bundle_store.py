@@ -1,15 +1,11 @@
-"""The cloud's bundle store: content-addressed archives on disk, and their retained copies on
-the broker.
+"""The cloud's bundle store: content-addressed, verified archives on disk.  (Their retained
+copies on the broker are ``cloud.mqtt_publisher``'s job.)
 
 Layout under the store folder::
 
     archives/<digest>.tar.gz     verified archives, named by their SHA-256
     manifests/<digest>.json      their manifests (as uploaded: signature included)
     uploads/<digest>/<index>     chunks of uploads in progress (resumable)
-
-Publishing writes every chunk as a retained QoS 1 message ``bundles/<digest>/<index>`` (raw
-bytes) and then the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as much
-as for devices) -- manifest last, so whoever sees it finds every chunk already there.
 """
 
 from __future__ import annotations
@@ -23,17 +19,21 @@ import tarfile
 import threading
 import tomllib
 from pathlib import Path
-from typing import Callable
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.topics import Topics
-from ftdl.bundle import (DEFAULT_CHUNK_SIZE, BundleError, BundleManifest, Limits, file_digest,
-                         inspect_archive, rechunk)
-from ftdl.manifest import MANIFEST_NAME, TaskManifest, parse_manifest
-from ftdl.signing import TrustStore
+from fedmq.broker.topics import TopicError, check_digest
+from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, inspect_archive
+from fedmq.ftdl.manifest import MANIFEST_NAME, TaskManifest, parse_manifest
+from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud.bundles")
+
+
+def bundle_digest(value: str) -> str:
+    """A bundle digest from a caller: 64 lowercase hex digits (a ``bad_manifest`` refusal if not)."""
+    try:
+        return check_digest(value)
+    except TopicError as exc:
+        raise BundleError("bad_manifest", str(exc)) from None
 
 
 class BundleStore:
@@ -156,41 +156,3 @@ class BundleStore:
             self.archive_path(digest).unlink(missing_ok=True)
             self._manifest_path(digest).unlink(missing_ok=True)
         return found
-
-
-class BundlePublisher:
-    """Puts stored bundles on the broker as retained messages, and takes them off again."""
-
-    def __init__(self, connection: MqttConnection, topics: Topics, store: BundleStore,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        self.connection, self.topics, self.store, self.chunk_size = connection, topics, store, chunk_size
-
-    def publish(self, digest: str, on_chunk: Callable[[int, int], None] | None = None) -> BundleManifest:
-        manifest = rechunk(self.store.manifest(digest), self.store.archive_path(digest), self.chunk_size)
-        infos = []
-        with self.store.archive_path(digest).open("rb") as archive:
-            for index in range(manifest.chunk_count):
-                data = archive.read(manifest.chunk_size)
-                infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), data,
-                                                     qos=1, retain=True))
-                if on_chunk:
-                    on_chunk(index + 1, manifest.chunk_count)
-        for info in infos:  # every chunk acknowledged by the broker before the manifest appears
-            info.wait_for_publish(30)
-        self.connection.publish(self.topics.bundle_manifest(digest),
-                                codec.encode(manifest.to_wire(), codec.Codec.JSON), qos=1,
-                                retain=True).wait_for_publish(30)
-        log.info("published bundle %s (%d chunks of %d bytes)", digest[:12], manifest.chunk_count,
-                 manifest.chunk_size)
-        return manifest
-
-    def clear(self, digest: str) -> None:
-        """An empty retained message deletes the retained one: manifest first, then chunks
-        (as many as ``publish`` wrote at this publisher's chunk size)."""
-        chunk_count = -(-self.store.manifest(digest).size // self.chunk_size)
-        infos = [self.connection.publish(self.topics.bundle_manifest(digest), b"", qos=1, retain=True)]
-        for index in range(chunk_count):
-            infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), b"", qos=1,
-                                                 retain=True))
-        for info in infos:
-            info.wait_for_publish(30)

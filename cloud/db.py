@@ -1,5 +1,9 @@
 """Persistence with peewee: SQLite file by default, PostgreSQL by URL.
 
+``open_database`` returns the database and binds the models to it; the cloud's domain objects
+are handed that database (for their transactions) rather than reaching for a global.  One
+process serves one database, as ``fedmq cloud`` does.
+
 The program owns its schema: ``open_database`` creates it on first use and applies any pending
 migration, recording the version in ``schema_version`` -- nobody deletes database files by hand
 (AGATA's README asked users to before every run).  New migrations are appended to ``MIGRATIONS``
@@ -14,15 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from peewee import (BooleanField, CharField, Database, DatabaseProxy, FloatField, IntegerField, Model,
+from peewee import (BooleanField, CharField, Database, FloatField, IntegerField, Model,
                     TextField, AutoField, CompositeKey)
 from peewee import ImproperlyConfigured, SqliteDatabase
 from playhouse.db_url import connect
 
 log = logging.getLogger("fedmq.cloud.db")
-
-proxy = DatabaseProxy()
-
 
 class JSONField(TextField):
     """JSON in a text column: portable across SQLite and PostgreSQL."""
@@ -35,8 +36,7 @@ class JSONField(TextField):
 
 
 class BaseModel(Model):
-    class Meta:
-        database = proxy
+    """Bound to a database by ``open_database``."""
 
 
 class SchemaVersion(BaseModel):
@@ -104,11 +104,13 @@ class Event(BaseModel):
     data = JSONField(default=dict)
 
 
-def write_transaction() -> Any:
+MODELS = [SchemaVersion, Device, Task, TaskDevice, Event]
+
+
+def write_transaction(db: Database) -> Any:
     """A transaction that reads then writes.  On SQLite it takes the write lock up front: a
     deferred transaction that upgrades from reading to writing fails at once with "database is
     locked" when another writer got in between, whatever the busy timeout."""
-    db = proxy.obj
     if isinstance(db, SqliteDatabase):
         return db.atomic(lock_type="IMMEDIATE")
     return db.atomic()
@@ -159,7 +161,7 @@ def open_database(url: str | None, home: Path) -> Database:
         except ImproperlyConfigured:
             raise RuntimeError(f"the database URL {url.split('@')[-1]!r} needs a driver: "
                                "pip install 'fedmq[postgres]'") from None
-    proxy.initialize(db)
+    db.bind(MODELS, bind_refs=False, bind_backrefs=False)
     try:
         db.connect(reuse_if_open=True)
     except ImproperlyConfigured:

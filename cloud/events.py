@@ -1,46 +1,43 @@
 """The event log: every step AGATA timed, recorded with a timestamp and the component that did it.
 
-Events are rows in the database (for history and export) and JSON messages on the broker: on
-``tasks/<task>/events`` when they concern a task, and on ``events/<component>``, so Node-RED and
-``mosquitto_sub`` see them live.  Edges publish their own steps (bundle fetched, client started,
-rounds) on ``tasks/<task>/events``; the cloud records those too.
+Events are rows in the database (for history and export) and, through the publisher port, JSON
+messages on the broker: on ``tasks/<task>/events`` when they concern a task, and on
+``events/<component>``, so Node-RED and ``mosquitto_sub`` see them live.  Edges publish their own
+steps (bundle fetched, client started, rounds) on ``tasks/<task>/events``; the cloud records
+those too (without publishing them again).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.events import EventRecord
-from broker.topics import Topics
-from cloud.db import Event
+from peewee import Database
 
-log = logging.getLogger("fedmq.cloud.events")
+from fedmq.broker.events import EventKind, EventRecord
+from fedmq.cloud.db import Event
+from fedmq.cloud.ports import Publisher
 
 # The experiment-1 timeline, in the order a run goes through it.
-TIMELINE_STEPS = ("task_created", "task_started", "device_requested", "bundle_fetched",
-                  "client_started", "round_done", "client_finished", "task_finished", "task_failed",
-                  "task_stopped", "client_error")
+TIMELINE_STEPS = (EventKind.TASK_CREATED, EventKind.TASK_STARTED, EventKind.DEVICE_REQUESTED,
+                  EventKind.BUNDLE_FETCHED, EventKind.CLIENT_STARTED, EventKind.ROUND_DONE,
+                  EventKind.CLIENT_FINISHED, EventKind.TASK_FINISHED, EventKind.TASK_FAILED,
+                  EventKind.TASK_STOPPED, EventKind.CLIENT_ERROR)
 
 
 class EventLog:
-    def __init__(self, connection: MqttConnection | None, topics: Topics, component: str = "cloud") -> None:
-        self.connection, self.topics, self.component = connection, topics, component
+    def __init__(self, db: Database, publisher: Publisher | None, component: str = "cloud") -> None:
+        self.db, self.publisher, self.component = db, publisher, component
 
     def record(self, kind: str, *, task: str | None = None, device: str | None = None,
                run: int | None = None, data: dict[str, Any] | None = None, component: str | None = None,
                ts: float | None = None, publish: bool = True) -> EventRecord:
-        record = EventRecord(ts or time.time(), component or self.component, kind, task, device, run, data or {})
-        Event.create(ts=record.ts, component=record.component, kind=kind, task=task, device=device,
+        record = EventRecord(ts=ts or time.time(), component=component or self.component, kind=str(kind),
+                             task=task, device=device, run=run, data=data or {})
+        Event.create(ts=record.ts, component=record.component, kind=record.kind, task=task, device=device,
                      run=run, data=record.data)
-        if publish and self.connection is not None:
-            payload = codec.encode(record.to_wire(), codec.Codec.JSON)
-            if task:
-                self.connection.publish(self.topics.task_events(task), payload, qos=0)
-            self.connection.publish(self.topics.events(record.component), payload, qos=0)
+        if publish and self.publisher is not None:
+            self.publisher.event(record)
         return record
 
     @staticmethod
@@ -48,7 +45,8 @@ class EventLog:
         query = Event.select().where(Event.task == task)
         if run is not None:
             query = query.where((Event.run == run) | (Event.run.is_null()))
-        return [EventRecord(e.ts, e.component, e.kind, e.task, e.device, e.run, e.data)
+        return [EventRecord(ts=e.ts, component=e.component, kind=e.kind, task=e.task, device=e.device,
+                            run=e.run, data=e.data)
                 for e in query.order_by(Event.ts, Event.id).limit(limit)]
 
 
@@ -62,7 +60,7 @@ def timeline(events: list[EventRecord]) -> list[dict[str, Any]]:
     previous = origin
     for event in steps:
         label = event.kind
-        if event.kind == "round_done":
+        if event.kind == EventKind.ROUND_DONE:
             label = f"round {event.data.get('round')}"
         rows.append({"step": label, "task": event.task, "component": event.component, "device": event.device,
                      "t_s": round(event.ts - origin, 3), "delta_s": round(event.ts - previous, 3),

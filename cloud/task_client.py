@@ -10,9 +10,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.topics import Topics
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.topics import Topics
 
 ENDED = ("finished", "failed", "stopped")
 ANNOUNCEMENT_WAIT_S = 5.0  # retained: it arrives at once if the task exists

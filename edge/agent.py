@@ -13,6 +13,7 @@ will, both carrying a session counter the agent keeps on disk.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -20,27 +21,44 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from pydantic import ValidationError
 
-from broker import codec
-from broker.connection import MqttConnection, Will
-from broker.envelope import RpcError
-from broker.events import EventRecord
-from broker.presence import OFFLINE, ONLINE, Presence
-from broker.rpc_client import RpcClient
-from broker.topics import Topics, TopicError, check_id
-from edge.bundle_fetch import BundleFetcher
-from edge.config import EdgeConfig
-from edge.info import gather
-from edge.policy import get_policy
-from edge.state import AgentState
-from ftdl import TaskEvent, start_task
-from ftdl.bundle import BundleError
-from ftdl.manifest import ManifestError
-from ftdl.process import TaskProcess
-from ftdl.signing import TrustStore
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, Will
+from fedmq.broker.envelope import RpcError
+from fedmq.broker.events import EventKind, EventRecord, publish_event
+from fedmq.broker.presence import OFFLINE, ONLINE, Presence
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
+from fedmq.broker.topics import Topics, TopicError, check_id
+from fedmq.edge.bundle_fetch import BundleFetcher
+from fedmq.edge.config import EdgeConfig
+from fedmq.edge.info import gather
+from fedmq.edge.policy import get_policy
+from fedmq.edge.state import AgentState
+from fedmq.ftdl import TaskEvent, start_task
+from fedmq.ftdl.bundle import BundleError
+from fedmq.ftdl.channel import ReporterKind
+from fedmq.ftdl.manifest import ManifestError
+from fedmq.ftdl.process import TaskProcess
+from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS
+from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.edge")
 FINISH_GRACE_S = 15.0
+RETRY_BASE_S, RETRY_MAX_S = 1.0, 30.0
+# The client's own reports, forwarded as the device's events.
+_FORWARDED = {ReporterKind.ERROR: EventKind.CLIENT_ERROR_REPORT, ReporterKind.PROGRESS: EventKind.CLIENT_PROGRESS,
+              ReporterKind.INFO: EventKind.CLIENT_INFO, "trigger_result": EventKind.CLIENT_TRIGGER_RESULT,
+              "trigger_refused": EventKind.CLIENT_TRIGGER_REFUSED}
+
+
+def retry_delay(failures: int, rng: random.Random) -> float:
+    """Seconds before the ``failures``-th retry: doubling from 1 s to 30 s, each drawn at random
+    between half and all of that ("equal jitter"), so devices that lost the cloud together do
+    not all come back at the same instant."""
+    ceiling = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, failures - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 @dataclass
@@ -68,7 +86,7 @@ class EdgeAgent:
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else TrustStore()
         self.fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache", trust=trust,
                                      allow_unsigned=config.allow_unsigned)
-        self.announcements: dict[str, dict[str, Any]] = {}
+        self.announcements: dict[str, TaskAnnouncement] = {}
         self.current: _Current | None = None
         self.task_stats: dict[str, dict[str, Any]] = {}
         self._info_dirty = True
@@ -76,6 +94,8 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._retry_at = 0.0
+        self._failures = 0
+        self._random = random.Random()
         self._reported_at = 0.0
         self.cycles = 0
 
@@ -83,11 +103,11 @@ class EdgeAgent:
     def _will(self) -> Will:
         # Called by the connection before every connect: a new session each time.
         self._session = self.state.next_session()
-        return Will(self.topics.device_state(self.device), Presence(OFFLINE, self._session).encode(),
+        return Will(self.topics.device_state(self.device), Presence(state=OFFLINE, session=self._session).encode(),
                     qos=1, retain=True)
 
     def _on_connect(self, _session_present: bool) -> None:
-        self.connection.publish(self.topics.device_state(self.device), Presence(ONLINE, self._session).encode(),
+        self.connection.publish(self.topics.device_state(self.device), Presence(state=ONLINE, session=self._session).encode(),
                                 qos=1, retain=True)
         self._info_dirty = True
         self.wake()
@@ -132,7 +152,7 @@ class EdgeAgent:
         if self.connection.connected.is_set():
             # A clean disconnect fires no last will: say goodbye ourselves.
             self.connection.publish(self.topics.device_state(self.device),
-                                    Presence(OFFLINE, self._session).encode(), qos=1, retain=True).wait_for_publish(5)
+                                    Presence(state=OFFLINE, session=self._session).encode(), qos=1, retain=True).wait_for_publish(5)
         self.connection.stop()
 
     # --- the decision cycle --------------------------------------------------------------------
@@ -143,16 +163,25 @@ class EdgeAgent:
                 self._info_dirty = False
                 self._reported_at = time.time()
                 self.rpc.call("devices", "update_info", {"info": self.info()}, timeout=self.config.rpc_timeout_s)
-            offers = self.rpc.call("tasks", "request", timeout=self.config.rpc_timeout_s)
+            answer = self.rpc.call("tasks", "request", timeout=self.config.rpc_timeout_s)
         except RpcError as exc:
-            # The cloud may be restarting or the broker away: try again soon, without spinning.
+            # The cloud may be restarting or the broker away: try again soon, without spinning,
+            # and spread out, so a fleet does not come back at the same instant.
             self._info_dirty = True
-            self._retry_at = time.time() + 3.0
-            log.warning("%s: cloud not answering (%s); retrying", self.device, exc)
+            self._failures += 1
+            delay = retry_delay(self._failures, self._random)
+            self._retry_at = time.time() + delay
+            log.warning("%s: cloud not answering (%s); retrying in %.1f s", self.device, exc, delay)
+            return
+        self._failures = 0
+        try:
+            offers = [Offer.model_validate(o) for o in answer]
+        except ValidationError as exc:
+            log.error("%s: tasks.request answered offers this agent cannot read: %s", self.device, exc)
             return
         with self._lock:
             running = {self.current.task} if self.current else set()
-        revisions = {o["id"]: o["revision"] for o in offers}
+        revisions = {o.id: o.revision for o in offers}
         for offer in self.policy(offers, running, self.state.blocked(revisions)):
             self._start(offer)
             if self.current is not None:
@@ -162,10 +191,10 @@ class EdgeAgent:
         return gather(self.config.data_dir, self.work, self.config.labels, self.task_stats,
                       self.current.task if self.current else None)
 
-    def _start(self, offer: dict[str, Any]) -> None:
-        task, revision, run = offer["id"], offer["revision"], offer.get("run", 0)
+    def _start(self, offer: Offer) -> None:
+        task, revision, run = offer.id, offer.revision, offer.run
         try:  # the fetcher's own events (started, fetched, refused) go out as this task's
-            result = self.fetcher.fetch(offer["bundle"],
+            result = self.fetcher.fetch(offer.bundle,
                                         on_event=lambda kind, data: self.publish_event(task, kind, data, run))
         except BundleError as exc:
             # A bundle we must not run is this task failing here: quarantine and move on.
@@ -177,8 +206,8 @@ class EdgeAgent:
             process = start_task(
                 result.path, "client", task_id=task, log_dir=self.work / "runs" / task / str(run),
                 on_event=lambda event: self._client_event(task, revision, run, event),
-                args=offer.get("args") or {}, data_dir=self.config.data_dir,
-                env={"FEDMQ_FLOWER_ADDRESS": offer["flower"]},
+                args=offer.args, data_dir=self.config.data_dir,
+                env={ENV_FLOWER_ADDRESS: offer.flower or ""},
                 rpc={"broker": self.config.broker, "prefix": self.config.prefix, "caller": self.device},
                 time_limit_s=self.config.client_time_limit_s)
         except (ManifestError, OSError) as exc:
@@ -187,15 +216,15 @@ class EdgeAgent:
         with self._lock:
             self.current = _Current(task, revision, run, process)
         self._info_dirty = True
-        self.publish_event(task, "client_started", {"revision": revision, "flower": offer["flower"]}, run)
+        self.publish_event(task, EventKind.CLIENT_STARTED, {"revision": revision, "flower": offer.flower}, run)
 
     def _stale(self, task: str, run: int) -> bool:
         announced = self.announcements.get(task)
-        return announced is not None and (announced.get("state") != "running" or announced.get("run", run) != run)
+        return announced is not None and (announced.state != TaskState.RUNNING or announced.run != run)
 
     def _failed(self, task: str, revision: int, cause: str, run: int | None = None) -> None:
         entry = self.state.quarantine_task(task, revision, cause)
-        self.publish_event(task, "client_error", {"cause": cause, "quarantined_until": entry.until,
+        self.publish_event(task, EventKind.CLIENT_ERROR, {"cause": cause, "quarantined_until": entry.until,
                                                   "failures": entry.failures}, run)
         log.warning("%s: task %s failed here (%s); quarantined for %.0f s", self.device, task, cause,
                     entry.until - time.time())
@@ -204,7 +233,7 @@ class EdgeAgent:
     # --- events from the client process -----------------------------------------------------
     def _client_event(self, task: str, revision: int, run: int, event: TaskEvent) -> None:
         data = event.data
-        if event.kind == "stats":
+        if event.kind == ReporterKind.STATS:
             metrics = data.get("metrics") or {}
             stats = self.task_stats.setdefault(task, {})
             stats["round"] = data.get("round")
@@ -213,7 +242,7 @@ class EdgeAgent:
                     stats[key] = metrics[key]
             if isinstance(metrics.get("num_examples"), int):
                 stats["contribution"] = float(metrics["num_examples"])
-            self.publish_event(task, "client_round", data, run)
+            self.publish_event(task, EventKind.CLIENT_ROUND, data, run)
             if "loss" in metrics:  # an evaluate closed the round: refresh what the cloud knows
                 self._info_dirty = True
                 self.wake()
@@ -224,21 +253,19 @@ class EdgeAgent:
                     self.current = None
             stopped = bool(current and current.stopping) or data.get("stopped")
             if data.get("ok"):
-                self.publish_event(task, "client_finished", {"duration_s": data.get("duration_s")}, run)
+                self.publish_event(task, EventKind.CLIENT_FINISHED, {"duration_s": data.get("duration_s")}, run)
             elif stopped:
-                self.publish_event(task, "client_stopped", {"cause": data.get("cause")}, run)
+                self.publish_event(task, EventKind.CLIENT_STOPPED, {"cause": data.get("cause")}, run)
             else:
                 self._failed(task, revision, str(data.get("cause")), run)
             self._info_dirty = True
             self.wake()
-        elif event.kind in ("error", "progress", "info", "trigger_result", "trigger_refused"):
-            kind = "client_error_report" if event.kind == "error" else f"client_{event.kind}"
-            self.publish_event(task, kind, data, run)
+        elif event.kind in _FORWARDED:
+            self.publish_event(task, _FORWARDED[event.kind], data, run)
 
     def publish_event(self, task: str, kind: str, data: dict[str, Any], run: int | None = None) -> None:
-        event = EventRecord(time.time(), f"edge.{self.device}", kind, task, self.device, run, data)
-        self.connection.publish(self.topics.task_events(task), codec.encode(event.to_wire(), codec.Codec.JSON),
-                                qos=1)
+        publish_event(self.connection, self.topics, EventRecord(
+            component=f"edge.{self.device}", kind=kind, task=task, device=self.device, run=run, data=data))
 
     # --- what the broker tells us -----------------------------------------------------------
     def _on_announcement(self, message: mqtt.MQTTMessage) -> None:
@@ -251,28 +278,28 @@ class EdgeAgent:
         try:
             check_id(task, "task")
             body, _ = codec.decode(message.payload)
-        except (TopicError, codec.CodecError):
+            announced = TaskAnnouncement.model_validate(body)
+        except (TopicError, codec.CodecError, ValidationError) as exc:
+            log.debug("%s: ignored an announcement on %s: %s", self.device, message.topic, exc)
             return
-        if not isinstance(body, dict):
-            return
-        self.announcements[task] = body
+        self.announcements[task] = announced
         current = self.current
         if current is not None and current.task == task and (
-                body.get("state") != "running" or body.get("run", current.run) != current.run):
+                announced.state != TaskState.RUNNING or announced.run != current.run):
             # A finished server lets its clients end by themselves; anything else stops them now.
-            finished = body.get("state") == "finished" and body.get("run", current.run) == current.run
-            self._stop_if_current(task, f"the task is {body.get('state')}", grace_s=FINISH_GRACE_S if finished else 0.0)
+            finished = announced.state == TaskState.FINISHED and announced.run == current.run
+            self._stop_if_current(task, f"the task is {announced.state}", grace_s=FINISH_GRACE_S if finished else 0.0)
         self.wake()
 
     def _on_command(self, message: mqtt.MQTTMessage) -> None:
         try:
             body, _ = codec.decode(message.payload)
-        except codec.CodecError:
+            command = DeviceCommand.model_validate(body)
+        except (codec.CodecError, ValidationError) as exc:
+            log.warning("%s: ignored a command on %s: %s", self.device, message.topic, exc)
             return
-        if not isinstance(body, dict):
-            return
-        if body.get("cmd") == "stop" and isinstance(body.get("task"), str):
-            self._stop_if_current(body["task"], str(body.get("reason", "stop command")))
+        if command.cmd == "stop":
+            self._stop_if_current(command.task, command.reason or "stop command")
         self.wake()
 
     def _stop_if_current(self, task: str, reason: str, grace_s: float = 0.0) -> None:

@@ -24,12 +24,12 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from broker import codec
-from broker.connection import MqttConnection
-from broker.topics import Topics, TopicError, check_digest
-from ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, safe_unpack
-from ftdl.manifest import TaskManifest, load_manifest
-from ftdl.signing import TrustStore
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.topics import Topics, TopicError, check_digest
+from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, safe_unpack
+from fedmq.ftdl.manifest import TaskManifest, load_manifest
+from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.edge.bundles")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from broker.topics import DEFAULT_PREFIX
-from ftdl.paths import absolute
+from fedmq.broker.topics import DEFAULT_PREFIX
+from fedmq.ftdl.paths import absolute
 
 _PATHS = ("work_dir", "data_dir")
 

@@ -5,9 +5,10 @@ this device runs now; ``blocked`` those it must not start (quarantined after fai
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-Offer = dict[str, Any]
+from fedmq.broker.schema import Offer
+
 Policy = Callable[[list[Offer], set[str], set[str]], list[Offer]]
 
 
@@ -16,7 +17,7 @@ def at_most_one(offers: list[Offer], running: set[str], blocked: set[str]) -> li
     if running:
         return []
     for offer in offers:
-        if offer["id"] not in blocked:
+        if offer.id not in blocked:
             return [offer]
     return []
 

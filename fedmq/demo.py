@@ -10,6 +10,7 @@ Every process it started is stopped when it ends, also on Ctrl-C.
 from __future__ import annotations
 
 import json
+from importlib import resources
 import logging
 import shutil
 import signal
@@ -21,21 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.embedded import EmbeddedBroker
-from broker.events import EventRecord
-from broker.net import free_port
-from broker.rpc_client import RpcClient
-from broker.topics import Topics
-from cloud.bundle_client import push_folder
-from cloud.events import timeline
-from cloud.task_client import wait_for_task
-from ftdl.paths import absolute
-from ftdl.signing import SigningKey, generate_keypair
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.embedded import EmbeddedBroker
+from fedmq.broker.events import EventRecord
+from fedmq.broker.net import free_port
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import Topics
+from fedmq.cloud.bundle_client import push_folder
+from fedmq.cloud.events import timeline
+from fedmq.cloud.task_client import wait_for_task
+from fedmq.ftdl.paths import absolute
+from fedmq.ftdl.signing import SigningKey, generate_keypair
 
 log = logging.getLogger("fedmq.demo")
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(str(resources.files("fedmq.examples")))  # package data: works from a wheel too
 DEVICES = ("dev-1", "dev-2")
 
 
@@ -70,7 +71,7 @@ class DemoCluster:
             shutil.rmtree(self.workdir)
         (self.workdir / "logs").mkdir(parents=True)
         if not (self.examples / "digits" / "fedmq.toml").is_file():
-            raise DemoError(f"no example bundles in {self.examples}: run fedmq demo from a source checkout")
+            raise DemoError(f"no example bundles in {self.examples}: the installation is incomplete")
         if self.broker_url is None:
             _log_to(self.workdir / "logs" / "broker.log", "amqtt", "transitions")
             self.embedded = EmbeddedBroker(port=free_port()).start()

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
-from ftdl.paths import require_absolute
-from ftdl.process import TaskEvent, TaskOutcome, TaskProcess
-from ftdl.reporter import ENV_OUTPUT_DIR, ENV_TASK_ID, TaskReporter, rpc_env, task_args
-from ftdl.triggers import TriggerRunner
+from fedmq.ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
+from fedmq.ftdl.paths import require_absolute
+from fedmq.ftdl.process import TaskEvent, TaskOutcome, TaskProcess
+from fedmq.ftdl.reporter import ENV_OUTPUT_DIR, ENV_TASK_ID, TaskReporter, rpc_env, task_args
+from fedmq.ftdl.triggers import TriggerRunner
 
 __all__ = ["MANIFEST_NAME", "ManifestError", "TaskEvent", "TaskManifest", "TaskOutcome",
            "TaskProcess", "TaskReporter", "TriggerRunner", "load_manifest", "start_task", "task_args"]

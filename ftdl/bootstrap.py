@@ -1,4 +1,4 @@
-"""Child-side start of a task entry point: ``python -m ftdl.bootstrap ENTRY.py [args...]``.
+"""Child-side start of a task entry point: ``python -m fedmq.ftdl.bootstrap ENTRY.py [args...]``.
 
 Runs the entry file as ``__main__`` and turns its ending into a report: returning normally (or
 ``sys.exit(0)``) reports ``finished``; an exception -- including one at import time -- reports an
@@ -13,12 +13,12 @@ import runpy
 import sys
 import traceback
 
-from ftdl.reporter import TaskReporter
+from fedmq.ftdl.reporter import TaskReporter
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m ftdl.bootstrap ENTRY.py [args...]", file=sys.stderr)
+        print("usage: python -m fedmq.ftdl.bootstrap ENTRY.py [args...]", file=sys.stderr)
         return 2
     entry = argv[1]
     reporter = TaskReporter.get()

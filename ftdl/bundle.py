@@ -15,17 +15,21 @@ import io
 import json
 import math
 import os
-import re
+
 import shutil
 import stat
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Iterator
+from typing import Annotated, Any, BinaryIO, Iterator, Literal
 
-from ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
-from ftdl.signing import SigningError, SigningKey, TrustStore
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from fedmq.broker.errors import FedmqError, Forbidden, Invalid, NotFound
+from fedmq.broker.schema import problems
+from fedmq.ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
+from fedmq.ftdl.signing import SigningError, SigningKey, TrustStore
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 64 * 1024
@@ -35,18 +39,42 @@ MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 MAX_UNPACKED_BYTES = 512 * 1024 * 1024
 MAX_FILES = 10_000
 MAX_RATIO = 200                      # unpacked bytes per archive byte
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".venv"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 
 
-class BundleError(ValueError):
-    """A bundle that must not be used; ``code`` says why in one word for events and tests."""
+class BundleError(FedmqError):
+    """A bundle that must not be used; ``code`` says why in one word for events and tests.
+
+    Like ``OSError(errno, ...)``, ``BundleError(code, message)`` builds the subclass that says
+    what kind of refusal it is (not found, not trusted, or invalid), which is what an RPC caller
+    is told; ``details`` carries the code as ``reason``."""
+
+    def __new__(cls, code: str, message: str) -> "BundleError":
+        kind = _KINDS.get(code, BundleInvalid) if cls is BundleError else cls
+        return Exception.__new__(kind)
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, {"reason": code})
         self.code = code
-        self.message = message
+
+
+class BundleNotFound(NotFound, BundleError):
+    """Not in the store, not on the broker (yet), or removed meanwhile."""
+
+
+class BundleRefused(Forbidden, BundleError):
+    """Unsigned where a signature is required, or signed by a key nobody trusts here."""
+
+
+class BundleInvalid(Invalid, BundleError):
+    """Malformed, tampered, unsafe or inconsistent."""
+
+
+_KINDS: dict[str, type[BundleError]] = {
+    "not_found": BundleNotFound, "timeout": BundleNotFound,
+    "unsigned": BundleRefused, "unknown_signer": BundleRefused, "bad_signature": BundleRefused,
+}
 
 
 @dataclass(frozen=True)
@@ -57,38 +85,60 @@ class Limits:
     max_ratio: int = MAX_RATIO
 
 
-@dataclass
-class FileEntry:
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     path: str
-    size: int
-    sha256: str
+    size: Annotated[int, Field(ge=0)]
+    sha256: Hex64
 
 
-@dataclass
-class BundleManifest:
-    digest: str
+class BundleManifest(BaseModel):
+    """Published on ``bundles/<digest>/manifest``; uploaded with ``bundles.upload_begin``.
+
+    Validated on the way in (``from_wire``) against the receiver's ``Limits``: shapes, bounds,
+    one digest per chunk of the archive, a task manifest that parses."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    format: Literal[1] = FORMAT
+    digest: Hex64
     size: int
     chunk_size: int
-    chunks: list[str]
+    chunks: list[Hex64]
     files: list[FileEntry]
     task: dict[str, Any]
     signer: str | None = None
     signature: str | None = None
-    format: int = FORMAT
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> "BundleManifest":
+        limits: Limits = (info.context or {}).get("limits", Limits())
+        if not 0 < self.size <= limits.max_bundle_bytes:
+            raise ValueError(f"size must be 1..{limits.max_bundle_bytes} bytes")
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+        if len(self.chunks) != math.ceil(self.size / self.chunk_size):
+            raise ValueError("chunks must list one SHA-256 per chunk of the archive")
+        if len(self.files) > limits.max_files:
+            raise ValueError(f"files must be a list of at most {limits.max_files}")
+        try:
+            TaskManifest.from_dict(self.task)
+        except ManifestError as exc:
+            raise ValueError(f"task: {exc}") from None
+        return self
 
     @property
     def chunk_count(self) -> int:
         return len(self.chunks)
 
-    @property
-    def task_manifest(self) -> TaskManifest:
-        return TaskManifest.from_dict(self.task)
-
     def signed_bytes(self) -> bytes:
         """What the signature covers: canonical JSON of everything but the chunking (sorted keys,
         no white space, non-ASCII escaped; defined in docs/bundles.md)."""
         body = {"format": self.format, "digest": self.digest, "size": self.size,
-                "files": [vars(f) for f in self.files], "task": self.task}
+                "files": [f.model_dump() for f in self.files], "task": self.task}
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     def sign(self, key: SigningKey) -> None:
@@ -105,56 +155,17 @@ class BundleManifest:
             raise BundleError(code, str(exc)) from None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"format": self.format, "digest": self.digest, "size": self.size,
-                "chunk_size": self.chunk_size, "chunks": self.chunks,
-                "files": [vars(f) for f in self.files], "task": self.task,
-                "signer": self.signer, "signature": self.signature}
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_wire(cls, data: Any, limits: Limits = Limits()) -> "BundleManifest":
-        """Validate a manifest from the outside (broker, upload): shapes, bounds, consistency."""
-        def bad(message: str) -> BundleError:
-            return BundleError("bad_manifest", f"invalid bundle manifest: {message}")
-
+        """Validate a manifest from the outside (broker, upload, the store's own files)."""
         if not isinstance(data, dict):
-            raise bad("not an object")
-        if data.get("format") != FORMAT:
-            raise bad(f"unsupported format {data.get('format')!r}")
-        digest, size, chunk_size = data.get("digest"), data.get("size"), data.get("chunk_size")
-        if not isinstance(digest, str) or not _HEX64.match(digest):
-            raise bad("digest must be 64 lowercase hex digits")
-        if not _is_int(size) or not 0 < size <= limits.max_bundle_bytes:
-            raise bad(f"size must be 1..{limits.max_bundle_bytes} bytes")
-        if not _is_int(chunk_size) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-            raise bad(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-        chunks = data.get("chunks")
-        if not isinstance(chunks, list) or len(chunks) != math.ceil(size / chunk_size) \
-                or not all(isinstance(c, str) and _HEX64.match(c) for c in chunks):
-            raise bad("chunks must list one SHA-256 per chunk of the archive")
-        files = data.get("files")
-        if not isinstance(files, list) or len(files) > limits.max_files:
-            raise bad(f"files must be a list of at most {limits.max_files}")
-        entries = []
-        for item in files:
-            if not (isinstance(item, dict) and isinstance(item.get("path"), str) and _is_int(item.get("size"))
-                    and isinstance(item.get("sha256"), str) and _HEX64.match(item["sha256"])):
-                raise bad("each file needs path, size and sha256")
-            entries.append(FileEntry(item["path"], item["size"], item["sha256"]))
-        task = data.get("task")
-        if not isinstance(task, dict):
-            raise bad("task must be an object")
+            raise BundleError("bad_manifest", "invalid bundle manifest: not an object")
         try:
-            TaskManifest.from_dict(task)
-        except (ManifestError, TypeError, AttributeError) as exc:
-            raise bad(f"task: {exc}") from None
-        signer, signature = data.get("signer"), data.get("signature")
-        if signer is not None and not isinstance(signer, str) or signature is not None and not isinstance(signature, str):
-            raise bad("signer and signature must be strings")
-        return cls(digest, size, chunk_size, list(chunks), entries, task, signer, signature)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+            return cls.model_validate(data, context={"limits": limits})
+        except ValidationError as exc:
+            raise BundleError("bad_manifest", "invalid bundle manifest: " + "; ".join(problems(exc))) from None
 
 
 # --- packing ---------------------------------------------------------------------------------
@@ -186,7 +197,7 @@ def pack_folder(folder: Path | str, out: BinaryIO) -> list[FileEntry]:
             info.size, info.mtime, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0, 0, "", ""
             info.mode = 0o755 if st.st_mode & 0o111 else 0o644
             tar.addfile(info, io.BytesIO(data))
-            entries.append(FileEntry(rel, len(data), hashlib.sha256(data).hexdigest()))
+            entries.append(FileEntry(path=rel, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
     return entries
 
 
@@ -225,8 +236,8 @@ def rechunk(manifest: BundleManifest, archive_path: Path, chunk_size: int) -> Bu
     """The same bundle described for another chunk size (the signature still holds)."""
     if chunk_size == manifest.chunk_size:
         return manifest
-    return BundleManifest(manifest.digest, manifest.size, chunk_size, chunk_digests(archive_path, chunk_size),
-                          manifest.files, manifest.task, manifest.signer, manifest.signature)
+    return manifest.model_copy(update={"chunk_size": chunk_size,
+                                       "chunks": chunk_digests(archive_path, chunk_size)})
 
 
 # --- safe unpacking --------------------------------------------------------------------------

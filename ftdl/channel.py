@@ -12,15 +12,63 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable
 
-from broker import codec
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fedmq.broker import codec
+from fedmq.broker.schema import problems
 
 log = logging.getLogger("fedmq.ftdl.channel")
 
 ENV_FD = "FEDMQ_REPORTER_FD"
 MAX_FRAME_BYTES = 64 * 1024
-KINDS = frozenset({"info", "stats", "progress", "error", "trigger", "log", "finished"})
+
+
+class ReporterKind(StrEnum):
+    INFO = "info"
+    STATS = "stats"
+    PROGRESS = "progress"
+    ERROR = "error"
+    TRIGGER = "trigger"
+    LOG = "log"
+    FINISHED = "finished"
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StatsData(_Data):
+    round: int
+    metrics: dict[str, Any]
+
+
+class ProgressData(_Data):
+    round: int
+    total: int
+
+
+class ErrorData(_Data):
+    type: str
+    message: str
+
+
+class TriggerData(_Data):
+    name: str
+    args: list[Any]
+
+
+class LogData(_Data):
+    message: str
+
+
+# The shape each kind's data must have; a frame that breaks it is dropped like garbage.
+DATA_SHAPES: dict[ReporterKind, type[_Data]] = {
+    ReporterKind.STATS: StatsData, ReporterKind.PROGRESS: ProgressData, ReporterKind.ERROR: ErrorData,
+    ReporterKind.TRIGGER: TriggerData, ReporterKind.LOG: LogData, ReporterKind.INFO: _Data,
+    ReporterKind.FINISHED: _Data}
 
 
 @dataclass
@@ -37,29 +85,6 @@ class FrameError(ValueError):
     pass
 
 
-def _check(kind: str, data: dict[str, Any]) -> None:
-    """The per-kind shape; a frame that breaks it is dropped like garbage."""
-    def need(key: str, *types: type) -> None:
-        value = data.get(key)
-        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
-            raise FrameError(f"{kind} frame needs {key!r} of type {'/'.join(t.__name__ for t in types)}")
-
-    if kind == "stats":
-        need("round", int)
-        need("metrics", dict)
-    elif kind == "progress":
-        need("round", int)
-        need("total", int)
-    elif kind == "error":
-        need("type", str)
-        need("message", str)
-    elif kind == "trigger":
-        need("name", str)
-        need("args", list)
-    elif kind == "log":
-        need("message", str)
-
-
 def parse_frame(line: bytes) -> ReporterMessage:
     if len(line) > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {len(line)} bytes exceeds {MAX_FRAME_BYTES}")
@@ -70,14 +95,17 @@ def parse_frame(line: bytes) -> ReporterMessage:
     if not isinstance(body, dict):
         raise FrameError("frame is not an object")
     kind, data, ts = body.get("kind"), body.get("data", {}), body.get("ts", time.time())
-    if kind not in KINDS:
+    if kind not in ReporterKind.__members__.values():
         raise FrameError(f"unknown frame kind {kind!r}")
     if not isinstance(data, dict):
         raise FrameError("frame 'data' must be an object")
+    try:
+        DATA_SHAPES[ReporterKind(kind)].model_validate(data)
+    except ValidationError as exc:
+        raise FrameError(f"{kind} frame: " + "; ".join(problems(exc))) from None
     if isinstance(ts, bool) or not isinstance(ts, (int, float)):
         ts = time.time()
-    _check(kind, data)
-    return ReporterMessage(kind, data, float(ts))
+    return ReporterMessage(ReporterKind(kind), data, float(ts))
 
 
 class FrameReader:

@@ -28,10 +28,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from ftdl.reporter import ENV_OUTPUT_DIR, TaskReporter
+from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR, MODEL_FILE, TaskReporter
 
-ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"
-MODEL_FILE = "model.npz"
 
 __all__ = ["ReportingStrategy", "ReportingClient", "flower_address", "join", "serve",
            "weighted_average", "ndarrays_to_parameters", "parameters_to_ndarrays"]

@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedmq.broker.schema import Requirements, problem
 
 MANIFEST_NAME = "fedmq.toml"
 ROLES = ("server", "client")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PACKAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[A-Za-z0-9,._-]+\])?\s*((==|!=|<=|>=|<|>|~=)\s*[A-Za-z0-9.*+!-]+\s*,?\s*)*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
 MAX_TRIGGER_TIMEOUT_S = 3600.0
+_SECTIONS = ("task", "server", "client", "triggers", "requirements")
 
 
 class ManifestError(ValueError):
@@ -49,29 +53,60 @@ class ManifestError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class EntryPoint:
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class EntryPoint(_Strict):
     entry: str                      # a .py file relative to the task folder
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("entry")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+            raise ValueError(f"{value!r} must stay inside the task folder")
+        if not value.endswith(".py"):
+            raise ValueError(f"{value!r} must be a .py file")
+        return value
 
 
-@dataclass(frozen=True)
-class TriggerSpec:
+class TriggerSpec(_Strict):
     name: str
-    command: list[str]
-    timeout_s: float = 60.0
+    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TRIGGER_TIMEOUT_S)] = 60.0
 
 
-@dataclass(frozen=True)
-class Requirements:
-    python: str | None = None
-    packages: list[str] = field(default_factory=list)
-    memory_mb: int | None = None
-    accelerators: list[str] = field(default_factory=list)
+class _TriggerSection(_Strict):
+    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TRIGGER_TIMEOUT_S)] = 60.0
 
 
-@dataclass(frozen=True)
-class TaskManifest:
+class _TaskSection(_Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str = ""
+
+
+class ManifestFile(_Strict):
+    """``fedmq.toml`` as written: the sections above, nothing else."""
+
+    task: _TaskSection
+    server: EntryPoint | None = None
+    client: EntryPoint | None = None
+    triggers: dict[Annotated[str, Field(pattern=NAME_PATTERN)], _TriggerSection] = Field(default_factory=dict)
+    requirements: Requirements = Field(default_factory=Requirements)
+
+    @model_validator(mode="after")
+    def _has_an_entry(self) -> "ManifestFile":
+        if self.server is None and self.client is None:
+            raise ValueError("a task needs a [server] or a [client] entry point")
+        return self
+
+
+class TaskManifest(_Strict):
+    """A validated manifest, as the bundle manifest carries it (``to_dict``)."""
+
     name: str
     description: str
     server: EntryPoint | None
@@ -86,133 +121,47 @@ class TaskManifest:
         return point
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskManifest":
-        """Rebuild from ``to_dict`` output (as carried in bundle manifests)."""
+        """Rebuild from ``to_dict`` output (as carried in bundle manifests), validating it as a
+        ``fedmq.toml`` would be."""
+        if not isinstance(data, dict):
+            raise ManifestError(["the task manifest must be an object"])
         return parse_manifest({
             "task": {"name": data.get("name"), "description": data.get("description", "")},
             **{role: data[role] for role in ROLES if data.get(role)},
-            "triggers": {name: {k: v for k, v in spec.items() if k != "name"}
+            "triggers": {name: {k: v for k, v in spec.items() if k != "name"} if isinstance(spec, dict) else spec
                          for name, spec in (data.get("triggers") or {}).items()},
             "requirements": data.get("requirements") or {},
         })
 
 
-def _relative_file(value: Any, where: str, problems: list[str]) -> str | None:
-    if not isinstance(value, str) or not value:
-        problems.append(f"{where} must be a relative file path")
-        return None
-    path = PurePosixPath(value)
-    if path.is_absolute() or ".." in path.parts or "\\" in value:
-        problems.append(f"{where} {value!r} must stay inside the task folder")
-        return None
-    return value
-
-
-def _entry(section: Any, role: str, problems: list[str]) -> EntryPoint | None:
-    if section is None:
-        return None
-    if not isinstance(section, dict):
-        problems.append(f"[{role}] must be a table")
-        return None
-    unknown = set(section) - {"entry", "args"}
-    if unknown:
-        problems.append(f"[{role}] has unknown keys {sorted(unknown)}")
-    entry = _relative_file(section.get("entry"), f"{role}.entry", problems)
-    if entry and not entry.endswith(".py"):
-        problems.append(f"{role}.entry {entry!r} must be a .py file")
-    args = section.get("args", {})
-    if not isinstance(args, dict):
-        problems.append(f"{role}.args must be a table of named arguments")
-        args = {}
-    return EntryPoint(entry, dict(args)) if entry else None
-
-
-def _triggers(section: Any, problems: list[str]) -> dict[str, TriggerSpec]:
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        problems.append("[triggers] must be a table of named triggers")
-        return {}
-    triggers: dict[str, TriggerSpec] = {}
-    for name, spec in section.items():
-        if not _NAME.match(name):
-            problems.append(f"trigger name {name!r} is not a valid name")
-            continue
-        if not isinstance(spec, dict):
-            problems.append(f"[triggers.{name}] must be a table")
-            continue
-        command = spec.get("command")
-        if not (isinstance(command, list) and command and all(isinstance(c, str) and c for c in command)):
-            problems.append(f"triggers.{name}.command must be a non-empty list of strings")
-            continue
-        timeout = spec.get("timeout_s", 60.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                or not 0 < timeout <= MAX_TRIGGER_TIMEOUT_S:
-            problems.append(f"triggers.{name}.timeout_s must be a number in (0, {MAX_TRIGGER_TIMEOUT_S:g}]")
-            continue
-        triggers[name] = TriggerSpec(name, list(command), float(timeout))
-    return triggers
-
-
-def _requirements(section: Any, problems: list[str]) -> Requirements:
-    if section is None:
-        return Requirements()
-    if not isinstance(section, dict):
-        problems.append("[requirements] must be a table")
-        return Requirements()
-    unknown = set(section) - {"python", "packages", "memory_mb", "accelerators"}
-    if unknown:
-        problems.append(f"[requirements] has unknown keys {sorted(unknown)}")
-    python = section.get("python")
-    if python is not None and not isinstance(python, str):
-        problems.append("requirements.python must be a version specifier string")
-        python = None
-    packages = section.get("packages", [])
-    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
-        problems.append("requirements.packages must be a list of strings like 'torch>=2.2'")
-        packages = []
-    for spec in packages:
-        if not _PACKAGE.match(spec):
-            problems.append(f"requirements.packages: {spec!r} is not a package specifier")
-    memory = section.get("memory_mb")
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
-        problems.append("requirements.memory_mb must be a positive integer")
-        memory = None
-    accelerators = section.get("accelerators", [])
-    if not isinstance(accelerators, list) or not all(isinstance(a, str) for a in accelerators):
-        problems.append("requirements.accelerators must be a list of strings")
-        accelerators = []
-    return Requirements(python, list(packages), memory, list(accelerators))
+def _problems(exc: ValidationError) -> list[str]:
+    found = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        if error["type"] == "extra_forbidden":
+            found.append(f"unknown sections {loc}" if len(loc) == 1 else
+                         f"[{'.'.join(loc[:-1])}] has unknown keys {loc[-1:]}")
+        elif error["type"] == "missing" and loc == ["task"]:
+            found.append("missing [task] table with a name")
+        else:
+            found.append(problem(error))
+    return found
 
 
 def parse_manifest(data: dict[str, Any]) -> TaskManifest:
-    problems: list[str] = []
-    unknown = set(data) - {"task", "server", "client", "triggers", "requirements"}
-    if unknown:
-        problems.append(f"unknown sections {sorted(unknown)}")
-    task = data.get("task")
-    if not isinstance(task, dict):
-        problems.append("missing [task] table with a name")
-        task = {}
-    name = task.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        problems.append("task.name must be 1-64 characters from A-Z a-z 0-9 . _ -")
-    description = task.get("description", "")
-    if not isinstance(description, str):
-        problems.append("task.description must be a string")
-        description = ""
-    server = _entry(data.get("server"), "server", problems)
-    client = _entry(data.get("client"), "client", problems)
-    if data.get("server") is None and data.get("client") is None:
-        problems.append("a task needs a [server] or a [client] entry point")
-    triggers = _triggers(data.get("triggers"), problems)
-    requirements = _requirements(data.get("requirements"), problems)
-    if problems:
-        raise ManifestError(problems)
-    return TaskManifest(str(name), description, server, client, triggers, requirements)
+    """Validate a ``fedmq.toml`` document; every problem is listed, nothing is half-used."""
+    try:
+        parsed = ManifestFile.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_problems(exc)) from None
+    return TaskManifest(name=parsed.task.name, description=parsed.task.description, server=parsed.server,
+                        client=parsed.client, requirements=parsed.requirements,
+                        triggers={name: TriggerSpec(name=name, command=spec.command, timeout_s=spec.timeout_s)
+                                  for name, spec in parsed.triggers.items()})
 
 
 def load_manifest(task_dir: Path | str) -> TaskManifest:

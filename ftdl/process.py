@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from ftdl import reporter as rep
-from ftdl.channel import ENV_FD, FrameReader, ReporterMessage
+from fedmq.ftdl import reporter as rep
+from fedmq.ftdl.channel import ENV_FD, FrameReader, ReporterMessage
 
 log = logging.getLogger("fedmq.ftdl.process")
 
@@ -160,7 +160,7 @@ class TaskProcess:
             env[rep.ENV_DATA_DIR] = str(data_dir)
         env.update(rep.rpc_env(rpc))
         env.update(kwargs.pop("env", None) or {})
-        argv = [sys.executable, "-m", "ftdl.bootstrap", entry, *(extra_argv or [])]
+        argv = [sys.executable, "-m", "fedmq.ftdl.bootstrap", entry, *(extra_argv or [])]
         return cls(argv, cwd=Path(task_dir), env=env, **kwargs)
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
-from ftdl.channel import ENV_FD, MAX_FRAME_BYTES, ReporterMessage
+from fedmq.ftdl.channel import ENV_FD, MAX_FRAME_BYTES, ReporterMessage
 
 ENV_TASK_ID = "FEDMQ_TASK_ID"
 ENV_ROLE = "FEDMQ_ROLE"
@@ -23,7 +23,9 @@ ENV_ARGS = "FEDMQ_TASK_ARGS"
 ENV_BROKER = "FEDMQ_BROKER"
 ENV_PREFIX = "FEDMQ_PREFIX"
 ENV_CALLER = "FEDMQ_CALLER"
+ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"  # host:port of the task's Flower server
 ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"  # where a server saves its final model (an absolute path)
+MODEL_FILE = "model.npz"             # the final global model, in that folder
 
 
 def rpc_env(rpc: dict[str, str] | None) -> dict[str, str]:

@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ftdl.channel import ReporterMessage
-from ftdl.manifest import TriggerSpec
-from ftdl.process import TaskEvent, TaskProcess
+from fedmq.ftdl.channel import ReporterMessage
+from fedmq.ftdl.manifest import TriggerSpec
+from fedmq.ftdl.process import TaskEvent, TaskProcess
 
 MAX_ARGS = 32
 MAX_ARG_LENGTH = 1024

@@ -1,4 +1,5 @@
-"""Shared test helpers.  The broker fixtures come from fedmq's pytest plugin (broker.pytest_plugin)."""
+"""Shared test helpers.  The broker fixtures come from fedmq's pytest plugin, loaded here (it is
+opt-in: a task author's suite loads it with the same line, or ``pytest -p fedmq.broker.pytest_plugin``)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.envelope import RpcError
-from broker.rpc_client import RpcClient
-from broker.rpc_server import CallContext, RpcServer, Service
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.errors import NotFound
+from fedmq.broker.rpc_server import CallContext, RpcServer, rpc
+
+pytest_plugins = ["fedmq.broker.pytest_plugin"]
 
 
 @dataclass
@@ -22,36 +25,41 @@ class EchoState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def make_echo_service(state: EchoState) -> Service:
-    service = Service("echo")
+class EchoService:
+    name = "echo"
 
-    @service.method
-    def add(a: int, b: int = 2) -> int:
+    def __init__(self, state: EchoState) -> None:
+        self.state = state
+
+    @rpc
+    def add(self, a: int, b: int = 2) -> int:
         return a + b
 
-    @service.method
-    def whoami(ctx: CallContext) -> dict[str, Any]:
+    @rpc
+    def whoami(self, ctx: CallContext) -> dict[str, Any]:
         return {"caller": ctx.caller, "codec": ctx.codec.value}
 
-    @service.method
-    def count(key: str) -> int:
-        with state.lock:
-            state.runs[key] = state.runs.get(key, 0) + 1
-            return state.runs[key]
+    @rpc
+    def count(self, key: str) -> int:
+        with self.state.lock:
+            self.state.runs[key] = self.state.runs.get(key, 0) + 1
+            return self.state.runs[key]
 
-    @service.method
-    def boom() -> None:
+    @rpc
+    def boom(self) -> None:
         raise ValueError("secret internals /etc/passwd")
 
-    @service.method
-    def missing(name: str) -> None:
-        raise RpcError("not_found", f"no such thing {name!r}")
+    @rpc
+    def missing(self, name: str) -> None:
+        raise NotFound(f"no such thing {name!r}")
 
-    @service.method
-    def blob(size: int) -> bytes:
+    @rpc
+    def blob(self, size: int) -> bytes:
         return b"x" * size
 
-    return service
+
+def make_echo_service(state: EchoState) -> EchoService:
+    return EchoService(state)
 
 
 class Inbox:

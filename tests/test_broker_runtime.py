@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from broker.connection import BrokerUnavailable, MqttConnection, new_client_id
-from broker.embedded import EmbeddedBroker
-from broker.envelope import ErrorCode, RpcError
-from broker.mosquitto import REPO_CONFIG, MosquittoProcess
-from broker.rpc_client import RpcClient
-from broker.rpc_server import RpcServer
+from fedmq.broker.connection import BrokerUnavailable, MqttConnection, new_client_id
+from fedmq.broker.embedded import EmbeddedBroker
+from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.mosquitto import REPO_CONFIG, MosquittoProcess
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.rpc_server import RpcServer
 from conftest import EchoState, Stack, make_echo_service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def test_cli_call(rpc_stack: Stack) -> None:
 
 
 def test_cli_reports_an_unreachable_broker() -> None:
-    from broker.net import free_port
+    from fedmq.broker.net import free_port
 
     done = subprocess.run([*FEDMQ, "call", "echo", "ping", "--broker", f"mqtt://127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=30)

@@ -23,8 +23,8 @@ import pytest
 from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.connection import MqttConnection, new_client_id
-from broker.embedded import EmbeddedBroker
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.embedded import EmbeddedBroker
 
 RETAINED = {
     "fedmq/v1/tasks/a": b"task a",

@@ -19,17 +19,17 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.envelope import ErrorCode, RpcError
-from broker.rpc_client import RpcClient
-from broker.topics import Topics
-from cloud.app import CloudApp, CloudConfig
-from cloud.bundle_client import push_folder
-from edge.bundle_fetch import BundleFetcher
-from ftdl.bundle import (BundleError, BundleManifest, FileEntry, Limits, build_bundle, chunk_digests,
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import Topics
+from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.bundle_client import push_folder
+from fedmq.edge.bundle_fetch import BundleFetcher
+from fedmq.ftdl.bundle import (BundleError, BundleManifest, FileEntry, Limits, build_bundle, chunk_digests,
                          safe_unpack)
-from ftdl.signing import SigningKey, TrustStore, generate_keypair
+from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair
 
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
 TOPICS = Topics()
@@ -185,10 +185,11 @@ def publish_raw(conn: MqttConnection, archive: bytes, key: SigningKey | None, ch
                 mutate: Any = None) -> str:
     digest = hashlib.sha256(archive).hexdigest()
     chunks = [archive[i:i + chunk_size] for i in range(0, len(archive), chunk_size)]
-    manifest = BundleManifest(digest, len(archive), chunk_size, [hashlib.sha256(c).hexdigest() for c in chunks],
-                              [FileEntry("client.py", 12, "0" * 64)],
-                              {"name": "evil", "description": "", "server": None,
-                               "client": {"entry": "client.py", "args": {}}, "triggers": {}, "requirements": {}})
+    manifest = BundleManifest(digest=digest, size=len(archive), chunk_size=chunk_size,
+                              chunks=[hashlib.sha256(c).hexdigest() for c in chunks],
+                              files=[FileEntry(path="client.py", size=12, sha256="0" * 64)],
+                              task={"name": "evil", "description": "", "server": None,
+                                    "client": {"entry": "client.py", "args": {}}, "triggers": {}, "requirements": {}})
     if key is not None:
         manifest.sign(key)
     if mutate:
@@ -256,8 +257,9 @@ def test_cloud_refuses_hostile_uploads(cloud: CloudApp, conns: Any, keys: dict, 
     archive = craft_archive([*base_members(), file_member("../escape.py", b"x")])
     path = tmp_path / "evil.tar.gz"
     path.write_bytes(archive)
-    manifest = BundleManifest(hashlib.sha256(archive).hexdigest(), len(archive), 4096, chunk_digests(path, 4096),
-                              [], {"name": "evil", "client": {"entry": "client.py"}})
+    manifest = BundleManifest(digest=hashlib.sha256(archive).hexdigest(), size=len(archive), chunk_size=4096,
+                              chunks=chunk_digests(path, 4096), files=[],
+                              task={"name": "evil", "client": {"entry": "client.py"}})
     client = operator(conns)
     client.call("bundles", "upload_begin", {"manifest": manifest.to_wire()})
     for i in range(manifest.chunk_count):

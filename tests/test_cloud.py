@@ -18,14 +18,14 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.envelope import ErrorCode, RpcError
-from broker.presence import Presence
-from broker.rpc_client import RpcClient
-from broker.topics import Topics
-from cloud.app import CloudApp, CloudConfig
-from cloud.bundle_client import push_folder
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.presence import Presence
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import Topics
+from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.bundle_client import push_folder
 
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
 TOPICS = Topics()
@@ -120,7 +120,7 @@ def test_create_start_request_stop(mqtt_broker: Any, cloud_on: Any, client_facto
     for task in ("task-a", "task-b", "task-d", "task-e"):
         started = op.call("tasks", "start", {"task": task})
         assert started["state"] == "running" and started["flower"].startswith("127.0.0.1:")
-    assert pid_alive(cloud.tasks._running["task-a"].process.process.pid)
+    assert pid_alive(cloud.servers.pid("task-a"))
 
     dev1 = client_factory(mqtt_broker.url, "dev-1")
     dev1.call("devices", "update_info", {"info": DEVICE_INFO})
@@ -134,7 +134,7 @@ def test_create_start_request_stop(mqtt_broker: Any, cloud_on: Any, client_facto
     watch_cmd = Watch(dev1.connection, "fedmq/v1/devices/dev-1/cmd")
     watch_task = Watch(dev1.connection, "fedmq/v1/tasks/task-a")
     watch_task.until(lambda b: b and b["state"] == "running")
-    server_pid = cloud.tasks._running["task-a"].process.process.pid
+    server_pid = cloud.servers.pid("task-a")
     stopped = op.call("tasks", "stop", {"task": "task-a"})
     assert stopped["state"] == "stopped"
     watch_task.until(lambda b: b and b["state"] == "stopped" and b["id"] == "task-a")
@@ -157,8 +157,7 @@ def test_create_start_request_stop(mqtt_broker: Any, cloud_on: Any, client_facto
 def test_finished_run_updates_state_rounds_and_metrics(embedded_broker: Any, cloud_on: Any, client_factory: Any,
                                                        tmp_path: Path) -> None:
     """A real 2-round Flower run: two client processes join the cloud's server."""
-    import ftdl
-
+    from fedmq import ftdl
     cloud_on(embedded_broker.url)
     op = client_factory(embedded_broker.url)
     digest = push_folder(op, TASK).manifest.digest
@@ -316,7 +315,7 @@ def test_presence_with_session_counter(bad_input_cloud: dict) -> None:
     op = bad_input_cloud["op"]
 
     def publish(state: str, session: int) -> None:
-        raw.publish(TOPICS.device_state("dev-p"), Presence(state, session).encode(), retain=True).wait_for_publish(5)
+        raw.publish(TOPICS.device_state("dev-p"), Presence(state=state, session=session).encode(), retain=True).wait_for_publish(5)
 
     def settle(predicate: Any) -> dict:
         deadline = time.time() + 10
@@ -342,7 +341,7 @@ def test_presence_with_session_counter(bad_input_cloud: dict) -> None:
     row = settle(lambda r: True)
     assert row["online"] and row["session"] == 2 and row["disconnections"] == 1
     raw.stop()
-    assert cloud.presence is not None
+    assert cloud.registry is not None
 
 
 def test_cloud_restart_keeps_state_and_fails_interrupted_tasks(mqtt_broker: Any, tmp_path: Path,

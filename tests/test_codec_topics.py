@@ -2,9 +2,9 @@
 
 import pytest
 
-from broker import codec
-from broker.envelope import EnvelopeError, Reply, Request
-from broker.topics import Topics, TopicError
+from fedmq.broker import codec
+from fedmq.broker.envelope import EnvelopeError, Reply, Request
+from fedmq.broker.topics import Topics, TopicError
 
 
 def test_detects_json_and_msgpack() -> None:

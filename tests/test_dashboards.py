@@ -15,10 +15,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.net import free_port
-from fedmq.dashboards import node_red_command
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.net import free_port
+from fedmq.node_red import node_red_command
 from fedmq.demo import DemoCluster
 from tests_support import Browser
 

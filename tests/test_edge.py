@@ -13,18 +13,19 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker.connection import MqttConnection, new_client_id
-from broker.rpc_client import RpcClient
-from cloud.app import CloudApp, CloudConfig
-from edge.agent import EdgeAgent, EdgeConfig
-from edge.config import load_edge_config
-from edge.info import data_quantity, gather
-from edge.policy import at_most_one, get_policy
-from edge.state import AgentState
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.edge.agent import EdgeAgent, EdgeConfig
+from fedmq.broker.schema import Offer
+from fedmq.edge.config import load_edge_config
+from fedmq.edge.info import data_quantity, gather
+from fedmq.edge.policy import at_most_one, get_policy
+from fedmq.edge.state import AgentState
 
 
 def test_the_agent_never_imports_torch_or_flower() -> None:
-    code = ("import sys, fedmq.cli, edge.agent, edge.config\n"
+    code = ("import sys, fedmq.cli, fedmq.edge.agent, fedmq.edge.config\n"
             "heavy = [m for m in ('torch', 'flwr', 'numpy', 'sklearn', 'grpc') if m in sys.modules]\n"
             "print(heavy)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -33,9 +34,10 @@ def test_the_agent_never_imports_torch_or_flower() -> None:
 
 
 def test_at_most_one() -> None:
-    offers = [{"id": "a"}, {"id": "b"}]
-    assert at_most_one(offers, set(), set()) == [{"id": "a"}]
-    assert at_most_one(offers, set(), {"a"}) == [{"id": "b"}]
+    a, b = (Offer(id=name, name=name, revision=1, bundle="0" * 64) for name in ("a", "b"))
+    offers = [a, b]
+    assert at_most_one(offers, set(), set()) == [a]
+    assert at_most_one(offers, set(), {"a"}) == [b]
     assert at_most_one(offers, {"x"}, set()) == []
     assert at_most_one(offers, set(), {"a", "b"}) == []
     with pytest.raises(ValueError, match="unknown policy"):
@@ -136,7 +138,7 @@ def test_an_idle_agent_does_not_spin(stack: dict[str, Any]) -> None:
 
 def test_a_stop_announcement_or_command_reaches_the_agent(stack: dict[str, Any], tmp_path: Path) -> None:
     """A running client is stopped when its task stops; the stop is not a failure."""
-    from cloud.bundle_client import push_folder
+    from fedmq.cloud.bundle_client import push_folder
 
     op, agent = stack["op"], stack["agent"]
     task_dir = tmp_path / "sleepy"
@@ -154,3 +156,16 @@ def test_a_stop_announcement_or_command_reaches_the_agent(stack: dict[str, Any],
     assert outcome is not None and outcome.stopped
     wait(lambda: agent.current is None)
     assert "sleepy" not in agent.state.quarantine
+
+
+def test_retries_back_off_with_jitter() -> None:
+    """A fleet that lost the cloud together does not come back at the same instant."""
+    import random
+
+    from fedmq.edge.agent import RETRY_MAX_S, retry_delay
+
+    rng = random.Random(7)
+    firsts = {round(retry_delay(1, rng), 3) for _ in range(50)}
+    assert len(firsts) > 40 and all(0.5 <= d <= 1.0 for d in firsts)   # spread, not one value
+    assert all(8 <= retry_delay(5, rng) <= 16 for _ in range(50))       # doubling
+    assert all(RETRY_MAX_S / 2 <= retry_delay(40, rng) <= RETRY_MAX_S for _ in range(50))  # capped

@@ -15,11 +15,11 @@ from typing import Any
 import psutil
 import pytest
 
-import ftdl
-from broker.net import free_port
-from ftdl import TaskEvent, TaskProcess
-from ftdl.channel import MAX_FRAME_BYTES, FrameReader, parse_frame
-from ftdl.manifest import ManifestError, load_manifest, parse_manifest
+from fedmq import ftdl
+from fedmq.broker.net import free_port
+from fedmq.ftdl import TaskEvent, TaskProcess
+from fedmq.ftdl.channel import MAX_FRAME_BYTES, FrameReader, parse_frame
+from fedmq.ftdl.manifest import ManifestError, load_manifest, parse_manifest
 
 TASKS = Path(__file__).parent / "tasks"
 
@@ -198,7 +198,7 @@ def test_stop_terminates_the_group(tmp_path: Path) -> None:
 def test_garbage_on_the_channel_and_10_mb_of_stdout_do_not_stall_the_parent(tmp_path: Path) -> None:
     code = """
         import os, sys
-        from ftdl import TaskReporter
+        from fedmq.ftdl import TaskReporter
         fd = int(os.environ["FEDMQ_REPORTER_FD"])
         os.write(fd, b"\\x00\\xff not json at all\\n{\\"kind\\": \\"nope\\"}\\n[1,2]\\n")
         os.write(fd, b"{" + b"x" * 200000 + b"\\n")             # an oversized frame
@@ -247,7 +247,7 @@ def test_frame_shapes_are_checked() -> None:
 def test_reporter_outside_ftdl_writes_to_stderr(tmp_path: Path) -> None:
     import subprocess
 
-    code = "from ftdl import TaskReporter\nTaskReporter.get().send_stats(2, {'acc': 0.5})\n"
+    code = "from fedmq.ftdl import TaskReporter\nTaskReporter.get().send_stats(2, {'acc': 0.5})\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                           env={k: v for k, v in os.environ.items() if k != "FEDMQ_REPORTER_FD"})
     assert '"kind":"stats"' in done.stderr and '"acc":0.5' in done.stderr

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import ftdl
-from cloud.app import CloudConfig
-from cloud.tasks import TaskSettings
-from edge.config import EdgeConfig, load_edge_config
-from ftdl.paths import absolute
+from fedmq import ftdl
+from fedmq.cloud.app import CloudConfig
+from fedmq.cloud.task_servers import TaskSettings
+from fedmq.edge.config import EdgeConfig, load_edge_config
+from fedmq.ftdl.paths import absolute
 
 
 def test_edge_flags_are_taken_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from broker import codec
-from broker.connection import MqttConnection, new_client_id
-from broker.envelope import ErrorCode, RpcError
-from broker.rpc_client import RpcClient
-from broker.topics import Topics
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import Topics
 from conftest import Inbox, Stack
 
 TOPICS = Topics()
@@ -237,7 +237,7 @@ def test_mqtt5_response_topic_and_correlation_data(mosquitto_broker: Any) -> Non
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from broker.rpc_server import RpcServer
+    from fedmq.broker.rpc_server import RpcServer
     from conftest import EchoState, make_echo_service
 
     url5 = mosquitto_broker.url + "?protocol=5"
@@ -275,20 +275,25 @@ def test_mqtt5_response_topic_and_correlation_data(mosquitto_broker: Any) -> Non
 def test_shared_subscription_spreads_calls_over_replicas(mosquitto_broker: Any) -> None:
     """amqtt has no shared subscriptions; replicas need Mosquitto or a cluster broker."""
     mqtt_broker = mosquitto_broker
-    from broker.rpc_server import RpcServer, Service
+    from fedmq.broker.rpc_server import RpcServer, rpc
     served: dict[str, int] = {"r1": 0, "r2": 0}
     conns, servers = [], []
+
+    class Work:
+        name = "work"
+
+        def __init__(self, replica: str) -> None:
+            self.replica = replica
+
+        @rpc
+        def which(self) -> str:
+            served[self.replica] += 1
+            return self.replica
+
     for replica in served:
-        service = Service("work")
-
-        @service.method
-        def which(replica: str = replica) -> str:  # noqa: B008 - default binds the replica name
-            served[replica] += 1
-            return replica
-
         conn = MqttConnection(f"svc-{replica}", mqtt_broker.url).start()
         server = RpcServer(conn, shared_group="cloud")
-        server.add(service)
+        server.add(Work(replica))
         server.start()
         conns.append(conn)
         servers.append(server)

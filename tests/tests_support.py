@@ -16,7 +16,7 @@ from typing import Any
 
 from websockets.sync.client import connect
 
-from broker.net import free_port, wait_for_port
+from fedmq.broker.net import free_port, wait_for_port
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run"]

@@ -2,8 +2,8 @@
 
 from flwr.server.strategy import FedAvg
 
-from ftdl import task_args
-from ftdl.flower import serve
+from fedmq.ftdl import task_args
+from fedmq.ftdl.flower import serve
 
 args = task_args()
 serve(FedAvg(min_available_clients=args["min_clients"]), rounds=int(args["rounds"]))

@@ -5,8 +5,8 @@ import time
 
 from flwr.client import NumPyClient
 
-from ftdl import TaskReporter, task_args
-from ftdl.flower import join
+from fedmq.ftdl import TaskReporter, task_args
+from fedmq.ftdl.flower import join
 from model import evaluate, get_weights, load_partition, make_model, set_weights, train
 
 args = task_args()

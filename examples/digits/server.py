@@ -2,8 +2,8 @@
 
 from flwr.server.strategy import FedAvg
 
-from ftdl import task_args
-from ftdl.flower import ndarrays_to_parameters, serve, weighted_average
+from fedmq.ftdl import task_args
+from fedmq.ftdl.flower import ndarrays_to_parameters, serve, weighted_average
 from model import evaluate, get_weights, make_model, set_weights, test_split
 
 args = task_args()

@@ -3,8 +3,8 @@ import os
 import numpy as np
 from flwr.client import NumPyClient
 
-from ftdl import task_args
-from ftdl.flower import join
+from fedmq.ftdl import task_args
+from fedmq.ftdl.flower import join
 
 args = task_args()
 seed = int(args.get("seed", 0))

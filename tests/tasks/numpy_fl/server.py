@@ -1,8 +1,8 @@
 import numpy as np
 from flwr.server.strategy import FedAvg
 
-from ftdl import TaskReporter, task_args
-from ftdl.flower import ndarrays_to_parameters, serve, weighted_average
+from fedmq.ftdl import TaskReporter, task_args
+from fedmq.ftdl.flower import ndarrays_to_parameters, serve, weighted_average
 
 args = task_args()
 reporter = TaskReporter.get()

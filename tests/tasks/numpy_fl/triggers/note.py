@@ -3,7 +3,7 @@ import os
 import sys
 from pathlib import Path
 
-from ftdl import TaskReporter
+from fedmq.ftdl import TaskReporter
 
 Path("trigger-note.txt").write_text(" ".join(sys.argv[1:]))
 TaskReporter.get().send_info(trigger_saw=sys.argv[1:], task=os.environ.get("FEDMQ_TASK_ID"))

@@ -1,4 +1,4 @@
-"""Starting Node-RED with the fedmq flows (``dashboards/``) against a broker."""
+"""Starting Node-RED with the fedmq flows (package data of ``fedmq.dashboards``) against a broker."""
 
 from __future__ import annotations
 
@@ -6,38 +6,48 @@ import os
 import shutil
 import signal
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from broker.connection import BrokerSettings
+from fedmq.broker.connection import BrokerSettings
 
-DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+DASHBOARDS = Path(str(resources.files("fedmq.dashboards")))  # package data: flows and npm manifest
 
 
 class DashboardError(RuntimeError):
     pass
 
 
-def ensure_installed(folder: Path = DASHBOARDS) -> Path:
-    """Node-RED and the dashboard nodes, from the npm registry (``npm ci`` on the lock file)."""
-    red = folder / "node_modules" / "node-red" / "red.js"
-    if red.is_file():
-        return red
+def ensure_installed(user_dir: Path, folder: Path = DASHBOARDS) -> Path:
+    """Node-RED and the dashboard nodes, from the npm registry (``npm ci`` on the lock file).
+
+    A source checkout where ``bash scripts/install.sh --test`` ran has them in ``dashboards/``;
+    otherwise (a wheel, whose package folder may not be writable) they go to ``user_dir/node``."""
+    for candidate in (folder, user_dir / "node"):
+        red = candidate / "node_modules" / "node-red" / "red.js"
+        if red.is_file():
+            return red
     npm = shutil.which("npm")
     if npm is None or shutil.which("node") is None:
-        raise DashboardError("Node.js and npm are needed for the dashboards (Node-RED 4.1 runs on Node >= 18)")
-    command = [npm, "ci" if (folder / "package-lock.json").is_file() else "install", "--no-audit", "--no-fund",
-               "--loglevel=error"]
-    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        raise DashboardError("Node.js and npm are needed for the dashboards (Node-RED 4.1 runs on Node >= 18): "
+                             "apt-get install -y nodejs npm")
+    target = user_dir / "node"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(folder / name, target / name)
+    red = target / "node_modules" / "node-red" / "red.js"
+    done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=target,
+                          capture_output=True, text=True)
     if done.returncode != 0 or not red.is_file():
-        raise DashboardError(f"npm could not install Node-RED in {folder}:\n{done.stderr[-2000:]}")
+        raise DashboardError(f"npm could not install Node-RED in {target}:\n{done.stderr[-2000:]}")
     return red
 
 
 def node_red_command(broker_url: str, port: int, user_dir: Path, folder: Path = DASHBOARDS) -> tuple[list[str], dict[str, str]]:
-    red = ensure_installed(folder)
-    settings = BrokerSettings.from_url(broker_url)
     user_dir.mkdir(parents=True, exist_ok=True)
+    red = ensure_installed(user_dir, folder)
+    settings = BrokerSettings.from_url(broker_url)
     shutil.copyfile(folder / "flows.json", user_dir / "flows.json")
     env = {**os.environ, "FEDMQ_MQTT_HOST": settings.host, "FEDMQ_MQTT_PORT": str(settings.port),
            "NODE_RED_ENABLE_PROJECTS": "false"}

@@ -12,12 +12,12 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from broker.connection import BrokerUnavailable, MqttConnection, new_client_id
-from broker.envelope import RpcError
-from broker.rpc_client import RpcClient
-from broker.topics import DEFAULT_PREFIX, Topics
+from fedmq.broker.connection import BrokerUnavailable, MqttConnection, new_client_id
+from fedmq.broker.envelope import RpcError
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import DEFAULT_PREFIX, Topics
 from fedmq import __version__
-from ftdl.paths import absolute
+from fedmq.ftdl.paths import absolute
 
 app = typer.Typer(help="fedmq: federated-learning tasks on device fleets, over MQTT.",
                   no_args_is_help=True, add_completion=False)
@@ -59,7 +59,7 @@ def broker(host: str = typer.Option("127.0.0.1", help="Interface to listen on (0
                                          help="With --detach: where the broker's log goes."),
            ready_fd: Optional[int] = typer.Option(None, "--ready-fd", hidden=True)) -> None:
     """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground, or detached."""
-    from broker.embedded import EmbeddedBroker
+    from fedmq.broker.embedded import EmbeddedBroker
 
     if detach:
         _detach_broker(host, 0 if port is None else port, user, absolute(log_file))
@@ -188,7 +188,7 @@ def cloud(broker_url: str = BrokerOpt, prefix: str = PrefixOpt,
           shared_group: Optional[str] = typer.Option(None, help="Share requests with other replicas "
                                                      "through $share/<group>/ (Mosquitto, EMQX, ...).")) -> None:
     """Run the cloud services in the foreground (all in one process by default)."""
-    from cloud.app import CloudApp, CloudConfig
+    from fedmq.cloud.app import CloudApp, CloudConfig
 
     config = CloudConfig(broker=broker_url, prefix=prefix, home=home, db=db, client_id=client_id,
                          trusted_keys=trusted_key, require_signed=require_signed, chunk_size=chunk_size,
@@ -320,7 +320,7 @@ def task_wait(task: str, timeout: float = typer.Option(3600.0, help="Give up aft
     finished, 1 when it failed or was stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cloud.task_client import TaskWaitTimeout, wait_for_task
+    from fedmq.cloud.task_client import TaskWaitTimeout, wait_for_task
 
     connection = MqttConnection(new_client_id(f"cli-{caller}"), broker_url)
     try:
@@ -527,7 +527,7 @@ def dashboards(broker_url: str = BrokerOpt,
                user_dir: Path = typer.Option(Path("fedmq-dashboards"), "--user-dir",
                                              help="Node-RED's folder (the flows are copied there at each start).")) -> None:
     """Run Node-RED with the fedmq dashboards against a broker (installs Node-RED with npm if needed)."""
-    from fedmq.dashboards import DashboardError, run_node_red
+    from fedmq.node_red import DashboardError, run_node_red
 
     try:
         run_node_red(broker_url, port, absolute(user_dir), console)
@@ -556,9 +556,9 @@ def edge(device_id: Optional[str] = typer.Option(None, "--device-id", envvar="FE
     """Run the edge agent of this device in the foreground."""
     import signal as _signal
 
-    from edge.agent import EdgeAgent
-    from edge.config import load_edge_config
-    from ftdl.signing import SigningError
+    from fedmq.edge.agent import EdgeAgent
+    from fedmq.edge.config import load_edge_config
+    from fedmq.ftdl.signing import SigningError
 
     labels = {}
     for item in label:
@@ -593,7 +593,7 @@ app.add_typer(bundle_app, name="bundle")
 def keys_new(name: str = typer.Argument("operator", help="Key name: writes NAME.key and NAME.pub."),
              directory: Path = typer.Option(Path("."), "--dir", help="Where to write the key pair.")) -> None:
     """Create an Ed25519 key pair for signing bundles (give NAME.pub to devices)."""
-    from ftdl.signing import SigningError, SigningKey, generate_keypair
+    from fedmq.ftdl.signing import SigningError, SigningKey, generate_keypair
 
     try:
         private, public = generate_keypair(absolute(directory), name)
@@ -621,10 +621,10 @@ def bundle_push(folder: Path = typer.Argument(..., exists=True, file_okay=False,
                 window: int = typer.Option(8, help="Chunks in flight at once."),
                 broker_url: str = BrokerOpt, caller: str = CallerOpt, prefix: str = PrefixOpt) -> None:
     """Pack, sign and upload a task folder to the cloud's bundle store; prints its digest."""
-    from cloud.bundle_client import push_folder
-    from ftdl.bundle import BundleError
-    from ftdl.manifest import ManifestError
-    from ftdl.signing import SigningError, SigningKey
+    from fedmq.cloud.bundle_client import push_folder
+    from fedmq.ftdl.bundle import BundleError
+    from fedmq.ftdl.manifest import ManifestError
+    from fedmq.ftdl.signing import SigningError, SigningKey
 
     try:
         signing_key = SigningKey.load(key) if key else None
@@ -677,10 +677,10 @@ def bundle_fetch(digest: str,
                  window: int = typer.Option(8, help="Chunks requested at once."),
                  broker_url: str = BrokerOpt, prefix: str = PrefixOpt) -> None:
     """Fetch, verify and unpack a bundle as a device would (resumes an interrupted fetch)."""
-    from edge.bundle_fetch import BundleFetcher
-    from ftdl.bundle import BundleError
-    from ftdl.signing import SigningError
-    from ftdl.signing import TrustStore as _Trust
+    from fedmq.edge.bundle_fetch import BundleFetcher
+    from fedmq.ftdl.bundle import BundleError
+    from fedmq.ftdl.signing import SigningError
+    from fedmq.ftdl.signing import TrustStore as _Trust
 
     try:
         trust_store = _Trust.from_paths(trust)

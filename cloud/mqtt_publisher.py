@@ -1,0 +1,70 @@
+"""The MQTT side of the cloud's ``Publisher`` port: announcements, commands, events and bundles
+as messages on the broker.
+
+Bundles: every chunk is a retained QoS 1 message ``bundles/<digest>/<index>`` (raw bytes), then
+the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as much as for devices)
+-- manifest last, so whoever sees it finds every chunk already there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fedmq.broker import codec
+from fedmq.broker.connection import MqttConnection
+from fedmq.broker.events import EventRecord, publish_event
+from fedmq.broker.schema import DeviceCommand, TaskAnnouncement
+from fedmq.broker.topics import Topics
+from fedmq.cloud.bundle_store import BundleStore
+from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE, BundleManifest, rechunk
+
+log = logging.getLogger("fedmq.cloud.publisher")
+ACK_TIMEOUT_S = 30.0
+
+
+class MqttPublisher:
+    def __init__(self, connection: MqttConnection, topics: Topics, store: BundleStore,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.connection, self.topics, self.store, self.chunk_size = connection, topics, store, chunk_size
+
+    def announce(self, task_id: str, announcement: TaskAnnouncement | None) -> None:
+        payload = b"" if announcement is None else codec.encode(announcement.model_dump(mode="json"), codec.Codec.JSON)
+        self.connection.publish(self.topics.task(task_id), payload, qos=1, retain=True)
+
+    def command(self, device: str, command: DeviceCommand) -> None:
+        self.connection.publish(self.topics.device_cmd(device),
+                                codec.encode(command.model_dump(mode="json"), codec.Codec.JSON), qos=1)
+
+    def event(self, record: EventRecord) -> None:
+        publish_event(self.connection, self.topics, record, qos=0, component_topic=True)
+
+    def publish_bundle(self, digest: str, on_chunk: Callable[[int, int], None] | None = None) -> BundleManifest:
+        manifest = rechunk(self.store.manifest(digest), self.store.archive_path(digest), self.chunk_size)
+        infos = []
+        with self.store.archive_path(digest).open("rb") as archive:
+            for index in range(manifest.chunk_count):
+                data = archive.read(manifest.chunk_size)
+                infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), data,
+                                                     qos=1, retain=True))
+                if on_chunk:
+                    on_chunk(index + 1, manifest.chunk_count)
+        for info in infos:  # every chunk acknowledged by the broker before the manifest appears
+            info.wait_for_publish(ACK_TIMEOUT_S)
+        self.connection.publish(self.topics.bundle_manifest(digest),
+                                codec.encode(manifest.to_wire(), codec.Codec.JSON), qos=1,
+                                retain=True).wait_for_publish(ACK_TIMEOUT_S)
+        log.info("published bundle %s (%d chunks of %d bytes)", digest[:12], manifest.chunk_count,
+                 manifest.chunk_size)
+        return manifest
+
+    def clear_bundle(self, digest: str) -> None:
+        """An empty retained message deletes the retained one: manifest first, then chunks
+        (as many as ``publish_bundle`` wrote at this publisher's chunk size)."""
+        chunk_count = -(-self.store.manifest(digest).size // self.chunk_size)
+        infos = [self.connection.publish(self.topics.bundle_manifest(digest), b"", qos=1, retain=True)]
+        for index in range(chunk_count):
+            infos.append(self.connection.publish(self.topics.bundle_chunk(digest, index), b"", qos=1,
+                                                 retain=True))
+        for info in infos:
+            info.wait_for_publish(ACK_TIMEOUT_S)

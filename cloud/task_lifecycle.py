@@ -1,0 +1,318 @@
+"""The tasks' lifecycle: create, update, delete, start, stop, and what a restart of the cloud finds.
+
+State machine::
+
+    created --start--> running --(server finishes)--> finished
+                         |  \\--(server fails)------> failed
+                         \\----stop----------------> stopped
+    finished/failed/stopped --start--> running (a new run; history is kept per run)
+
+Every state change republishes the retained announcement ``tasks/<id>``.  When a task is stopped
+or fails, the devices it was offered to get a ``stop`` command (queued for a device that is
+away); after a normal finish the clients end with their server.  A task that was running when
+the cloud died is marked ``failed`` on the next start (its orphaned Flower server is killed): a
+half-finished federated run cannot be resumed, and saying so beats pretending.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from peewee import Database, IntegrityError
+
+from fedmq.broker.events import EventKind
+from fedmq.broker.schema import DeviceCommand, DeviceTaskState, TaskState
+from fedmq.broker.topics import TopicError, check_id
+from fedmq.cloud.bundle_store import BundleStore, bundle_digest
+from fedmq.cloud.criteria import CriteriaError, parse_criteria
+from fedmq.cloud.db import Task, write_transaction
+from fedmq.cloud.errors import InvalidTask, TaskConflict, TaskNotFound
+from fedmq.cloud.events import EventLog
+from fedmq.cloud.ports import Publisher
+from fedmq.cloud.run_history import RunHistory
+from fedmq.cloud.selection import Selection
+from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
+from fedmq.cloud.task_views import TaskView, flower_address, task_view
+from fedmq.ftdl import TaskEvent
+from fedmq.ftdl.bundle import BundleError, build_bundle, safe_unpack
+from fedmq.ftdl.channel import ReporterKind
+from fedmq.ftdl.manifest import ManifestError
+
+log = logging.getLogger("fedmq.cloud.tasks")
+
+_END_EVENTS = {TaskState.FINISHED: EventKind.TASK_FINISHED, TaskState.FAILED: EventKind.TASK_FAILED,
+               TaskState.STOPPED: EventKind.TASK_STOPPED}
+# What a device's own step says about where it stands with a task.
+DEVICE_STATES = {EventKind.CLIENT_STARTED: DeviceTaskState.RUNNING, EventKind.CLIENT_FINISHED: DeviceTaskState.DONE,
+                 EventKind.CLIENT_ERROR: DeviceTaskState.FAILED, EventKind.CLIENT_STOPPED: DeviceTaskState.STOPPED}
+# Server reports recorded as events of their own kind.
+_SERVER_EVENTS = {ReporterKind.ERROR: EventKind.SERVER_ERROR, ReporterKind.INFO: EventKind.SERVER_INFO,
+                  ReporterKind.FINISHED: EventKind.SERVER_FINISHED,
+                  "trigger_started": EventKind.SERVER_TRIGGER_STARTED,
+                  "trigger_result": EventKind.SERVER_TRIGGER_RESULT,
+                  "trigger_refused": EventKind.SERVER_TRIGGER_REFUSED}
+
+
+class TaskLifecycle:
+    def __init__(self, db: Database, settings: TaskSettings, store: BundleStore, publisher: Publisher,
+                 events: EventLog, selection: Selection, servers: ServerSupervisor, history: RunHistory) -> None:
+        self.db, self.settings, self.store, self.publisher = db, settings, store, publisher
+        self.events, self.selection, self.servers, self.history = events, selection, servers, history
+        self._lock = threading.RLock()
+
+    # --- reading -----------------------------------------------------------------------------
+    @staticmethod
+    def get(task_id: str) -> Task:
+        task = Task.get_or_none(Task.id == task_id)
+        if task is None:
+            raise TaskNotFound(f"no task {task_id!r}")
+        return task
+
+    @staticmethod
+    def list(state: TaskState | None, tag: str | None) -> list[Task]:
+        query = Task.select().order_by(Task.priority.desc(), Task.created)
+        if state is not None:
+            query = query.where(Task.state == state)
+        return [t for t in query if tag is None or tag in (t.tags or [])]
+
+    def announce(self, task: Task) -> TaskView:
+        view = task_view(task)
+        self.publisher.announce(task.id, view.announcement())
+        return view
+
+    # --- create / update / delete --------------------------------------------------------------
+    @staticmethod
+    def _check_criteria(criteria: str) -> None:
+        try:
+            parse_criteria(criteria)
+        except CriteriaError as exc:
+            raise InvalidTask(str(exc), {"position": exc.position}) from None
+
+    def _bundle_requirements(self, digest: str) -> dict[str, Any]:
+        return dict(self.store.manifest(digest).task.get("requirements") or {})
+
+    def create(self, *, name: str, bundle: str | None = None, folder: str | None = None,
+               task_id: str | None = None, flower_host: str | None = None, flower_port: int | None = None,
+               args: dict[str, Any] | None = None, criteria: str = "", requirements: dict[str, Any] | None = None,
+               tags: list[str] | None = None, priority: int = 0) -> Task:
+        if (bundle is None) == (folder is None):
+            raise InvalidTask("give exactly one of bundle (a digest) or folder")
+        try:
+            task_id = check_id(task_id or f"{name}-{uuid.uuid4().hex[:6]}", "task id")
+        except TopicError as exc:
+            raise InvalidTask(str(exc)) from None
+        self._check_criteria(criteria)
+        digest = self._store_folder(folder) if folder is not None else bundle_digest(bundle or "")
+        merged_requirements = {**self._bundle_requirements(digest), **(requirements or {})}
+        now = time.time()
+        try:
+            with write_transaction(self.db):
+                Task.insert(id=task_id, name=name, bundle=digest, criteria=criteria,
+                            requirements=merged_requirements, args=args or {}, tags=tags or [],
+                            priority=priority, flower_host=flower_host or self.settings.flower_advertise,
+                            flower_port=flower_port, auto_port=flower_port is None, created=now,
+                            updated=now).execute()
+        except IntegrityError:
+            raise TaskConflict(f"a task with id {task_id!r} exists") from None
+        task = self.get(task_id)
+        self.publisher.publish_bundle(digest)
+        self.announce(task)
+        self.events.record(EventKind.TASK_CREATED, task=task_id, data={"name": name, "bundle": digest})
+        return task
+
+    def _store_folder(self, folder: str) -> str:
+        """A task folder on the cloud host: packed and stored as the operator's push would."""
+        path = Path(folder)
+        if not path.is_absolute():
+            raise InvalidTask(f"folder {folder!r} must be an absolute path on the cloud host")
+        if not path.is_dir():
+            raise TaskNotFound(f"no folder {folder} on the cloud host")
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "bundle.tar.gz"
+            try:
+                manifest = build_bundle(path, archive)
+            except (BundleError, ManifestError) as exc:
+                raise InvalidTask(str(exc)) from None
+            self.store.adopt(manifest, archive)
+        return manifest.digest
+
+    def update(self, task_id: str, changes: dict[str, Any]) -> Task:
+        if not changes:
+            raise InvalidTask("nothing to update")
+        with self._lock:
+            task = self.get(task_id)
+            if "criteria" in changes:
+                self._check_criteria(changes["criteria"])
+            if "bundle" in changes:
+                if task.state == TaskState.RUNNING:
+                    raise TaskConflict("stop the task before changing its bundle")
+                self._bundle_requirements(bundle_digest(changes["bundle"]))
+            for key, value in changes.items():
+                setattr(task, key, value)
+            task.revision += 1
+            task.updated = time.time()
+            task.save()
+            self.selection.invalidate()
+        if "bundle" in changes:
+            self.publisher.publish_bundle(task.bundle)
+        self.announce(task)
+        self.events.record(EventKind.TASK_UPDATED, task=task_id,
+                           data={"revision": task.revision, "changed": sorted(changes)})
+        return task
+
+    def delete(self, task_id: str) -> None:
+        task = self.get(task_id)
+        if task.state == TaskState.RUNNING:
+            self.stop(task_id, reason="deleted")
+        with write_transaction(self.db):
+            Task.delete().where(Task.id == task_id).execute()
+            self.selection.forget(task_id)
+        self.selection.invalidate()
+        self.publisher.announce(task_id, None)
+        if not Task.select().where(Task.bundle == task.bundle).exists() and self.store.has(task.bundle):
+            self.publisher.clear_bundle(task.bundle)
+        self.events.record(EventKind.TASK_DELETED, task=task_id)
+
+    # --- start / stop -------------------------------------------------------------------------
+    def start(self, task_id: str) -> Task:
+        with self._lock:
+            task = self.get(task_id)
+            if task.state == TaskState.RUNNING:
+                raise TaskConflict(f"task {task_id} is already running")
+            if not self.store.has(task.bundle):
+                raise TaskNotFound(f"bundle {task.bundle} is not in the store")
+            port = self.servers.pick_port(None if task.auto_port else task.flower_port)
+            if port is None:
+                raise TaskConflict(f"Flower port {task.flower_port} is already in use on the cloud host")
+            folder = self._unpacked(task.bundle)
+            run = task.run + 1
+            try:
+                pid = self.servers.start(task_id, run, folder, self.history.run_path(task_id, run), task.args or {},
+                                         port, self.on_server_event)
+            except (ManifestError, OSError) as exc:  # a manifest without a server, say
+                raise InvalidTask(f"cannot start the task's server: {exc}") from None
+            task.state, task.run, task.flower_port = TaskState.RUNNING, run, port
+            task.started_at, task.finished_at, task.last_error = time.time(), None, None
+            task.current_round, task.total_rounds, task.metrics = 0, None, {}
+            task.server_pid = pid
+            task.updated = time.time()
+            task.save()
+            self.selection.invalidate()
+        self.announce(task)
+        self.events.record(EventKind.TASK_STARTED, task=task_id, run=run,
+                           data={"flower": flower_address(task), "revision": task.revision,
+                                 "bundle": task.bundle, "args": task.args, "criteria": task.criteria})
+        return task
+
+    def _unpacked(self, digest: str) -> Path:
+        """The stored bundle, unpacked once under ``<home>/tasks/<digest>`` (shared by every task
+        and run of that bundle, read-only to them: their outputs go to their run folders)."""
+        folder = self.settings.home / "tasks" / digest
+        if not folder.is_dir():
+            try:
+                safe_unpack(self.store.archive_path(digest), folder)
+            except BundleError as exc:
+                if not folder.is_dir():  # lost a race with another start: fine
+                    raise RuntimeError(f"stored bundle {digest} cannot be unpacked: {exc}") from None
+        return folder
+
+    def stop(self, task_id: str, reason: str = "stopped by operator") -> Task:
+        with self._lock:
+            task = self.get(task_id)
+            if task.state != TaskState.RUNNING:
+                raise TaskConflict(f"task {task_id} is not running (it is {task.state})")
+        run = self.servers.stop(task_id)
+        return self._leave_running(task_id, TaskState.STOPPED, reason, run if run is not None else task.run)
+
+    def _leave_running(self, task_id: str, state: TaskState, reason: str | None, run: int) -> Task:
+        with self._lock:
+            task = self.get(task_id)
+            if task.state != TaskState.RUNNING or task.run != run:
+                return task
+            task.state, task.finished_at, task.updated = state, time.time(), time.time()
+            task.server_pid = None
+            if state == TaskState.FAILED:
+                task.last_error = reason
+            task.save()
+            self.selection.invalidate()
+        self.announce(task)
+        self.events.record(_END_EVENTS[state], task=task_id, run=run, data={"reason": reason, "metrics": task.metrics})
+        if state != TaskState.FINISHED:  # after a normal finish the clients end with their Flower server
+            self._stop_devices(task, reason or state)
+        return task
+
+    def _stop_devices(self, task: Task, reason: str) -> None:
+        for device in self.selection.take_active(task.id):
+            self.publisher.command(device, DeviceCommand(cmd="stop", task=task.id, revision=task.revision,
+                                                         reason=reason))
+
+    # --- what the server and the devices report ---------------------------------------------------
+    def on_server_event(self, task_id: str, run: int, event: TaskEvent) -> None:
+        data = event.data
+        if event.kind == ReporterKind.PROGRESS:
+            task = Task.get_or_none(Task.id == task_id)
+            if task is None or task.run != run:
+                return
+            task.current_round, task.total_rounds, task.updated = data["round"], data["total"], time.time()
+            task.save()
+            self.announce(task)
+            if data["round"] > 0:
+                self.events.record(EventKind.ROUND_DONE, task=task_id, run=run,
+                                   data={"round": data["round"], "total": data["total"]})
+        elif event.kind == ReporterKind.STATS:
+            task = Task.get_or_none(Task.id == task_id)
+            if task is not None and task.run == run:
+                task.metrics = {**(task.metrics or {}), **data["metrics"], "round": data["round"]}
+                task.save()
+            self.events.record(EventKind.ROUND_METRICS, task=task_id, run=run, data=data)
+        elif event.kind == "exit":
+            if not self.servers.ended(task_id, run):  # its own end, not a stop we asked for
+                ok = bool(data.get("ok"))
+                self._leave_running(task_id, TaskState.FINISHED if ok else TaskState.FAILED,
+                                    None if ok else data.get("cause"), run)
+        elif event.kind in _SERVER_EVENTS:
+            self.events.record(_SERVER_EVENTS[event.kind], task=task_id, run=run, data=data)
+
+    def on_device_step(self, task_id: str, device: str, kind: str) -> None:
+        """A device's step on a task changes where it stands with it."""
+        state = DEVICE_STATES.get(kind)  # type: ignore[call-overload]
+        if state is not None and Task.get_or_none(Task.id == task_id) is not None:
+            self.selection.mark(task_id, device, state)
+
+    # --- life of the cloud itself ------------------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """After a restart: tasks left 'running' by a dead cloud are marked failed."""
+        failed = []
+        for task in Task.select().where(Task.state == TaskState.RUNNING):
+            if task.server_pid:
+                self.servers.kill_orphan(task.server_pid)
+            task.state, task.last_error = TaskState.FAILED, "interrupted: the cloud stopped while the task was running"
+            task.finished_at = task.updated = time.time()
+            task.server_pid = None
+            task.save()
+            self.selection.invalidate()
+            self.events.record(EventKind.TASK_FAILED, task=task.id, run=task.run, data={"reason": task.last_error})
+            self._stop_devices(task, task.last_error)
+            failed.append(task.id)
+        return failed
+
+    def republish(self) -> None:
+        """Put every announcement and referenced bundle back (a broker may have lost them)."""
+        for task in Task.select():
+            self.announce(task)
+        for digest in {t.bundle for t in Task.select(Task.bundle)}:
+            if self.store.has(digest):
+                self.publisher.publish_bundle(digest)
+
+    def shutdown(self) -> None:
+        for task_id in self.servers.running():
+            try:
+                self.stop(task_id, reason="the cloud shut down")
+            except TaskConflict:
+                pass

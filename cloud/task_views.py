@@ -1,0 +1,43 @@
+"""One projection of a task row, from which every view of it is derived: the operator's
+(``tasks.get``/``list``), the retained announcement and a device's offer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from fedmq.broker.schema import Offer, TaskAnnouncement
+from fedmq.cloud.db import Task
+
+
+class TaskView(TaskAnnouncement):
+    """What an operator sees: the announcement plus the task's arguments, times and metrics."""
+
+    args: dict[str, Any] = Field(default_factory=dict)
+    created: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def announcement(self) -> TaskAnnouncement:
+        return TaskAnnouncement.model_validate(self.model_dump(include=set(TaskAnnouncement.model_fields)))
+
+    def offer(self) -> Offer:
+        return Offer.model_validate(self.model_dump(include=set(Offer.model_fields)))
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def flower_address(task: Task) -> str | None:
+    return f"{task.flower_host}:{task.flower_port}" if task.flower_port else None
+
+
+def task_view(task: Task) -> TaskView:
+    return TaskView(id=task.id, name=task.name, state=task.state, revision=task.revision, bundle=task.bundle,
+                    flower=flower_address(task), criteria=task.criteria, requirements=task.requirements or {},
+                    priority=task.priority, tags=task.tags or [], round=task.current_round,
+                    total_rounds=task.total_rounds, run=task.run, updated=task.updated, last_error=task.last_error,
+                    args=task.args or {}, created=task.created, started_at=task.started_at,
+                    finished_at=task.finished_at, metrics=task.metrics or {})
