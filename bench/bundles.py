@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
-from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
-from fedmq.broker.net import free_port, wait_for_port  # noqa: E402
-from fedmq.broker.rpc_client import RpcClient  # noqa: E402
-from fedmq.broker.topics import Topics  # noqa: E402
-from fedmq.cloud.app import CloudApp, CloudConfig  # noqa: E402
-from fedmq.cloud.bundle_client import push_folder  # noqa: E402
-from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair  # noqa: E402
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.mosquitto import MosquittoProcess
+from fedmq.broker.net import free_port, wait_for_port
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.topics import Topics
+from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.bundle_client import push_folder
+from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair
 
 TASK = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "numpy_fl"
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import Any
 
 import psutil
 
-
-from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
-from fedmq.demo import DemoCluster, run_scenario  # noqa: E402
+from fedmq.broker.mosquitto import MosquittoProcess
+from fedmq.demo import DemoCluster, run_scenario
 
 AGATA = {"client_start_s": [1.9, 5.2], "error_handling_s": 0.81, "polling_interval_s": 10}
 

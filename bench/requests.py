@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -23,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from bench.rpc import percentiles, run_threads  # noqa: E402
-from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
-from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
-from fedmq.broker.rpc_client import RpcClient  # noqa: E402
-from fedmq.cloud.bundle_client import push_folder  # noqa: E402
+from bench.rpc import percentiles, run_threads
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.mosquitto import MosquittoProcess
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.cloud.bundle_client import push_folder
 
 IDLE_TASK = {
     "fedmq.toml": '[task]\nname = "idle"\n[server]\nentry = "server.py"\n[client]\nentry = "client.py"\n'
@@ -87,7 +85,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-requests-"))
     mosq = MosquittoProcess().start()
     log = (work / "cloud.log").open("w")
-    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "cloud", "--broker", mosq.url, "--home",
+    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", mosq.url, "cloud", "--home",
                               str(work / "cloud"), "--client-id", "bench-cloud"], stdout=log, stderr=subprocess.STDOUT)
     conns: list[MqttConnection] = []
     try:

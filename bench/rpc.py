@@ -14,21 +14,18 @@ import json
 import multiprocessing
 import socket
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
-from fedmq.broker.connection import MqttConnection, new_client_id  # noqa: E402
-from fedmq.broker.embedded import EmbeddedBroker  # noqa: E402
-from fedmq.broker.mosquitto import MosquittoProcess  # noqa: E402
-from fedmq.broker.rpc_client import RpcClient  # noqa: E402
-from fedmq.broker.rpc_server import RpcServer, rpc  # noqa: E402
+from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.embedded import EmbeddedBroker
+from fedmq.broker.mosquitto import MosquittoProcess
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.rpc_server import RpcServer, rpc
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -130,7 +127,7 @@ def rpc_bench(url: str, n: int, throughput_calls: int, connections: int, threads
             try:
                 if rpc.call("bench", "echo", {"x": i}, timeout=30) != i:
                     errors.append("wrong result")
-            except Exception as exc:  # noqa: BLE001 - counted, reported
+            except Exception as exc:
                 errors.append(str(exc))
 
     workers = [threading.Thread(target=caller, args=(rpc,)) for rpc in clients for _ in range(threads)]

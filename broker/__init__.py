@@ -7,6 +7,20 @@ from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.rpc_server import CallContext, RpcServer, rpc
 from fedmq.broker.topics import Topics
 
-__all__ = ["BrokerSettings", "BrokerUnavailable", "CallContext", "Codec", "CodecError",
-           "ErrorCode", "MqttConnection", "RpcClient", "RpcError", "RpcServer", "rpc",
-           "Topics", "Will", "decode", "encode"]
+__all__ = [
+           "BrokerSettings",
+           "BrokerUnavailable",
+           "CallContext",
+           "Codec",
+           "CodecError",
+           "ErrorCode",
+           "MqttConnection",
+           "RpcClient",
+           "RpcError",
+           "RpcServer",
+           "Topics",
+           "Will",
+           "decode",
+           "encode",
+           "rpc",
+]

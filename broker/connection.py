@@ -15,14 +15,15 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger("fedmq.broker.connection")
 
@@ -55,7 +56,7 @@ class BrokerSettings:
     max_inflight: int = 100
 
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> "BrokerSettings":
+    def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ValueError(f"unsupported broker URL scheme {parsed.scheme!r} (use mqtt:// or mqtts://)")
@@ -163,7 +164,7 @@ class MqttConnection:
         return self.settings.protocol == 5
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self, wait: bool = True, timeout: float = 10.0) -> "MqttConnection":
+    def start(self, wait: bool = True, timeout: float = 10.0) -> MqttConnection:
         """Connect in the background; paho keeps reconnecting with backoff from here on."""
         if self._started:
             return self
@@ -204,7 +205,7 @@ class MqttConnection:
             self.client.loop_stop()
             self.connected.clear()
 
-    def __enter__(self) -> "MqttConnection":
+    def __enter__(self) -> MqttConnection:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

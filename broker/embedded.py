@@ -110,7 +110,7 @@ class EmbeddedBroker:
         return {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                 "plugins": auth}
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         if self._thread is not None:
             return self
         # amqtt logs every packet at INFO; keep our logs readable.
@@ -198,7 +198,7 @@ class EmbeddedBroker:
 
     kill = stop  # an in-process broker has no harder way to die
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

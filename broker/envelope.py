@@ -66,7 +66,7 @@ class Request(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     reply_to: str
     deadline: float | None = None
-    v: Literal[1] = ENVELOPE_VERSION
+    v: Literal[1] = 1
 
     @field_validator("deadline", mode="before")
     @classmethod
@@ -82,7 +82,7 @@ class Request(BaseModel):
         return self.deadline is not None and (now or time.time()) > self.deadline
 
     @classmethod
-    def from_wire(cls, obj: Any, *, method: str, reply_to: str | None = None) -> "Request":
+    def from_wire(cls, obj: Any, *, method: str, reply_to: str | None = None) -> Request:
         """Validate a decoded request.  ``method`` comes from the topic, which is authoritative;
         ``reply_to`` may come from the MQTT 5 response-topic property.  An ``EnvelopeError``
         carries the id and reply topic when they could be read, so the caller still gets an
@@ -138,11 +138,11 @@ class Reply(BaseModel):
     v: int = ENVELOPE_VERSION
 
     @classmethod
-    def success(cls, request_id: str, result: Any) -> "Reply":
+    def success(cls, request_id: str, result: Any) -> Reply:
         return cls(id=request_id, ok=True, result=result)
 
     @classmethod
-    def failure(cls, request_id: str | None, error: RpcError) -> "Reply":
+    def failure(cls, request_id: str | None, error: RpcError) -> Reply:
         return cls(id=request_id, ok=False, error=error.to_wire())
 
     def to_wire(self) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class Reply(BaseModel):
         return {"v": self.v, "id": self.id, "ok": False, "error": self.error}
 
     @classmethod
-    def from_wire(cls, obj: Any) -> "Reply":
+    def from_wire(cls, obj: Any) -> Reply:
         if not isinstance(obj, dict):
             raise EnvelopeError("reply must be an object with a boolean 'ok'")
         try:

@@ -111,7 +111,7 @@ class EventRecord(BaseModel):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_wire(cls, body: Any, task: str) -> "EventRecord | None":
+    def from_wire(cls, body: Any, task: str) -> EventRecord | None:
         """An event as another party published it on ``tasks/<task>/events`` (the topic names the
         task), or None if it is not one."""
         if not isinstance(body, dict):

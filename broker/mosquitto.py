@@ -8,10 +8,10 @@ what must differ per instance -- the listener, the persistence folder and the au
 from __future__ import annotations
 
 import os
-from importlib import resources
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from fedmq.broker.net import free_port, wait_for_port
@@ -39,7 +39,7 @@ def mosquitto_binary() -> str:
 def derive_config(source: str, port: int, data_dir: Path, *, password_file: Path | None = None,
                   acl_file: Path | None = None, host: str = "127.0.0.1") -> str:
     kept = [line for line in source.splitlines()
-            if not line.strip().split(" ", 1)[0] in _REPLACED]
+            if line.strip().split(" ", 1)[0] not in _REPLACED]
     extra = [f"listener {port} {host}", f"persistence_location {data_dir}/", "log_dest stderr"]
     if os.geteuid() == 0:
         # Started as root, Mosquitto drops to user 'mosquitto', which cannot read our private
@@ -51,7 +51,7 @@ def derive_config(source: str, port: int, data_dir: Path, *, password_file: Path
         extra.append("allow_anonymous true")
     if acl_file:
         extra.append(f"acl_file {acl_file}")
-    return "\n".join(kept + ["", "# --- per-instance settings (fedmq) ---"] + extra) + "\n"
+    return "\n".join([*kept, "", "# --- per-instance settings (fedmq) ---", *extra]) + "\n"
 
 
 class MosquittoProcess:
@@ -78,7 +78,7 @@ class MosquittoProcess:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "MosquittoProcess":
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
         binary = mosquitto_binary()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([binary, "-c", str(self.config_path)], stdout=log,
@@ -123,7 +123,7 @@ class MosquittoProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> "MosquittoProcess":
+    def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -50,7 +50,7 @@ class Presence(BaseModel):
         return codec.encode(self.model_dump(mode="json"), codec.Codec.JSON)
 
     @classmethod
-    def decode(cls, payload: bytes) -> "Presence":
+    def decode(cls, payload: bytes) -> Presence:
         body, _ = codec.decode(payload)
         if not isinstance(body, dict):
             raise ValueError("presence must be an object")

@@ -7,9 +7,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -44,7 +45,7 @@ class RpcClient:
         self._started = False
         self.stray_replies = 0
 
-    def start(self) -> "RpcClient":
+    def start(self) -> RpcClient:
         if not self._started:
             # Wait for SUBACK: a reply that arrives before the subscription exists is lost.
             self.connection.subscribe(self.inbox, self._on_reply, qos=1, wait=True)
@@ -57,7 +58,7 @@ class RpcClient:
         return self.call_future(service, method, args, timeout=timeout).result_or_raise()
 
     def call_future(self, service: str, method: str, args: dict[str, Any] | None = None, *,
-                    timeout: float = DEFAULT_TIMEOUT_S) -> "PendingCall":
+                    timeout: float = DEFAULT_TIMEOUT_S) -> PendingCall:
         if not self._started:
             self.start()
         request = Request(id=uuid.uuid4().hex, method=method, args=args or {},
@@ -92,7 +93,7 @@ class RpcClient:
         pending = self.call_future(service, method, args, timeout=timeout)
         try:
             reply = await asyncio.wait_for(asyncio.wrap_future(pending.future), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise pending.timeout_error() from None
         finally:
             self._forget(pending.request_id)

@@ -22,9 +22,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -36,7 +37,7 @@ from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
 from fedmq.broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
 from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
-from fedmq.broker.topics import Topics, TopicError, check_id
+from fedmq.broker.topics import TopicError, Topics, check_id
 
 log = logging.getLogger("fedmq.broker.rpc")
 
@@ -55,7 +56,7 @@ ERROR_CODES: dict[type[FedmqError], ErrorCode] = {
 def error_code(exc: FedmqError) -> ErrorCode:
     for kind in type(exc).__mro__:
         if kind in ERROR_CODES:
-            return ERROR_CODES[kind]  # type: ignore[index]
+            return ERROR_CODES[kind]
     return ErrorCode.INTERNAL
 
 
@@ -197,7 +198,7 @@ class RpcServer:
             topic_filter = f"$share/{self.shared_group}/{topic_filter}"
         return topic_filter
 
-    def start(self) -> "RpcServer":
+    def start(self) -> RpcServer:
         for name in self.services:
             self.connection.subscribe(self._filter(name), self._on_message, qos=1)
         return self

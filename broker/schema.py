@@ -53,7 +53,8 @@ class Requirements(BaseModel):
     python: Annotated[str, Field(max_length=64)] | None = None
     packages: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] = Field(default_factory=list)
     memory_mb: Annotated[int, Field(gt=0)] | None = None
-    accelerators: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] = Field(default_factory=list)
+    accelerators: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] = \
+        Field(default_factory=list)
 
     @field_validator("packages")
     @classmethod

@@ -91,7 +91,7 @@ class CloudApp:
         self._stop = threading.Event()
         self._started_once = False
 
-    def start(self, timeout: float = 10.0) -> "CloudApp":
+    def start(self, timeout: float = 10.0) -> CloudApp:
         if "tasks" in self.config.services:
             failed = self.tasks.reconcile()
             if failed:

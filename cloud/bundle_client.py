@@ -7,9 +7,10 @@ Chunks go up as acknowledged RPC calls, a window at a time; an interrupted push 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE, BundleManifest, build_bundle

@@ -55,7 +55,7 @@ class BundleService:
     @rpc(name="list")
     def list_(self) -> list[dict[str, Any]]:
         """Every stored bundle."""
-        return [summary(m) for m in self.store.list()]
+        return [summary(m) for m in self.store.manifests()]
 
     @rpc
     def get(self, digest: str) -> dict[str, Any]:

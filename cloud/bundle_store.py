@@ -64,7 +64,7 @@ class BundleStore:
         except FileNotFoundError:
             raise BundleError("not_found", f"no bundle {digest} in the store") from None
 
-    def list(self) -> list[BundleManifest]:
+    def manifests(self) -> list[BundleManifest]:
         return [self.manifest(p.stem) for p in sorted((self.root / "manifests").glob("*.json"))]
 
     # --- upload ----------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ast
 import functools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
@@ -157,7 +158,7 @@ def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
         return (not operand) if isinstance(node.op, ast.Not) else -operand
     if isinstance(node, ast.Compare):
         left = _evaluate(node.left, info)
-        for op, comparator in zip(node.ops, node.comparators):
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
             right = _evaluate(comparator, info)
             if (left is None or right is None) and isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
                 return False  # an unknown fact never satisfies an ordering

@@ -15,12 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from peewee import (BooleanField, CharField, Database, FloatField, IntegerField, Model,
-                    TextField, AutoField, CompositeKey)
-from peewee import ImproperlyConfigured, SqliteDatabase
+from peewee import (
+    AutoField,
+    BooleanField,
+    CharField,
+    CompositeKey,
+    Database,
+    FloatField,
+    ImproperlyConfigured,
+    IntegerField,
+    Model,
+    SqliteDatabase,
+    TextField,
+)
 from playhouse.db_url import connect
 
 log = logging.getLogger("fedmq.cloud.db")

@@ -31,4 +31,4 @@ class DeviceService:
     def list_(self, online: bool | None = None,
               limit: Annotated[int, Field(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
         """Devices, optionally only online or offline ones."""
-        return [device_row(d) for d in self.registry.list(online, limit)]
+        return [device_row(d) for d in self.registry.query(online, limit)]

@@ -9,16 +9,15 @@ from typing import Any
 
 from peewee import Database
 
-from fedmq.broker import codec
+from fedmq.broker.errors import Invalid
 from fedmq.broker.events import EventKind
 from fedmq.broker.presence import ONLINE, Presence, newer
 from fedmq.broker.schema import DeviceInfo
 from fedmq.cloud.db import Device, write_transaction
-from fedmq.broker.errors import Invalid
 from fedmq.cloud.errors import DeviceNotFound
 from fedmq.cloud.events import EventLog
 
-MAX_INFO_BYTES = 64 * 1024
+MAX_INFO_BYTES = 64 * 1024  # as JSON
 
 
 def device_row(device: Device) -> dict[str, Any]:
@@ -43,7 +42,7 @@ class DeviceRegistry:
 
     def update_info(self, device_id: str, info: DeviceInfo) -> dict[str, Any]:
         payload = info.model_dump(exclude_none=True)
-        if len(codec.encode(payload)) > MAX_INFO_BYTES:
+        if len(info.model_dump_json(exclude_none=True)) > MAX_INFO_BYTES:
             raise Invalid(f"info larger than {MAX_INFO_BYTES} bytes")
         with write_transaction(self.db):
             device, created = Device.get_or_create(id=device_id)
@@ -62,7 +61,7 @@ class DeviceRegistry:
         return row
 
     @staticmethod
-    def list(online: bool | None, limit: int) -> list[Device]:
+    def query(online: bool | None, limit: int) -> list[Device]:
         query = Device.select().order_by(Device.id).limit(limit)
         if online is not None:
             query = query.where(Device.online == online)

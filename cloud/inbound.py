@@ -29,7 +29,7 @@ class Inbound:
             return
         try:
             device_id = check_id(parts[-2], "device")
-            presence = Presence.decode(message.payload)
+            presence = Presence.decode(bytes(message.payload))
         except (TopicError, ValueError, codec.CodecError) as exc:
             log.warning("ignored presence on %s: %s", message.topic, exc)
             return

@@ -9,7 +9,7 @@ the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as muc
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection

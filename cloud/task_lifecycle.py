@@ -75,7 +75,7 @@ class TaskLifecycle:
         return task
 
     @staticmethod
-    def list(state: TaskState | None, tag: str | None) -> list[Task]:
+    def query(state: TaskState | None, tag: str | None) -> list[Task]:
         query = Task.select().order_by(Task.priority.desc(), Task.created)
         if state is not None:
             query = query.where(Task.state == state)

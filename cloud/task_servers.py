@@ -8,9 +8,10 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedmq.broker.net import free_port
 from fedmq.ftdl import TaskEvent, start_task

@@ -64,7 +64,7 @@ class TaskService:
             raise InvalidTask(f"state must be one of {', '.join(TaskState)}")
         running = self.selection.running_counts()
         chosen = TaskState(state) if state is not None else None
-        return [{**task_view(t).to_wire(), "devices": running.get(t.id, 0)} for t in self.lifecycle.list(chosen, tag)]
+        return [{**task_view(t).to_wire(), "devices": running.get(t.id, 0)} for t in self.lifecycle.query(chosen, tag)]
 
     @rpc
     def update(self, task: str, criteria: CriteriaText | None = None, args: dict[str, Any] | None = None,

@@ -161,7 +161,8 @@ node(id="control-action", type="function", name="start or stop", outputs=1, wire
 if (msg.req_action === 'stop') msg.topic = msg.topic.replace('/tasks/start/', '/tasks/stop/');
 return msg;""")
 mqtt_in("control-in", f"{PREFIX}/reply/{CALLER}/control", ["control-text"])
-node(id="control-text", type="function", name="reply text", outputs=1, wires=[["control-show", "control-note"]], func="""
+node(id="control-text", type="function", name="reply text", outputs=1, wires=[["control-show", "control-note"]],
+     func="""
 const r = msg.payload || {};
 msg.payload = r.ok ? `ok: ${r.result.id} is ${r.result.state}` : `${(r.error || {}).code}: ${(r.error || {}).message}`;
 return msg;""")
@@ -181,7 +182,8 @@ node(id="run-pick", type="change", name="remember task", rules=[
     {"t": "set", "p": "runTask", "pt": "flow", "to": "payload", "tot": "msg"}], wires=[["metrics-req"]])
 every("run-tick", 3, "metrics-req")
 rpc_request("metrics-req", "tasks", "metrics", "metrics",
-            "(flow.get('runTask') || flow.get('latestTask')) ? {task: flow.get('runTask') || flow.get('latestTask')} : null",
+            "(flow.get('runTask') || flow.get('latestTask')) ? "
+            "{task: flow.get('runTask') || flow.get('latestTask')} : null",
             "rpc-out")
 mqtt_in("metrics-in", f"{PREFIX}/reply/{CALLER}/metrics", ["metrics-split"])
 node(id="metrics-split", type="function", name="series", outputs=2, wires=[["chart-loss"], ["chart-acc"]], func="""

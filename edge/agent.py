@@ -30,7 +30,7 @@ from fedmq.broker.events import EventKind, EventRecord, publish_event
 from fedmq.broker.presence import OFFLINE, ONLINE, Presence
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
-from fedmq.broker.topics import Topics, TopicError, check_id
+from fedmq.broker.topics import TopicError, Topics, check_id
 from fedmq.edge.bundle_fetch import BundleFetcher
 from fedmq.edge.config import EdgeConfig
 from fedmq.edge.info import gather
@@ -107,7 +107,8 @@ class EdgeAgent:
                     qos=1, retain=True)
 
     def _on_connect(self, _session_present: bool) -> None:
-        self.connection.publish(self.topics.device_state(self.device), Presence(state=ONLINE, session=self._session).encode(),
+        self.connection.publish(self.topics.device_state(self.device),
+                                Presence(state=ONLINE, session=self._session).encode(),
                                 qos=1, retain=True)
         self._info_dirty = True
         self.wake()
@@ -152,7 +153,8 @@ class EdgeAgent:
         if self.connection.connected.is_set():
             # A clean disconnect fires no last will: say goodbye ourselves.
             self.connection.publish(self.topics.device_state(self.device),
-                                    Presence(state=OFFLINE, session=self._session).encode(), qos=1, retain=True).wait_for_publish(5)
+                                    Presence(state=OFFLINE, session=self._session).encode(), qos=1,
+                                    retain=True).wait_for_publish(5)
         self.connection.stop()
 
     # --- the decision cycle --------------------------------------------------------------------

@@ -18,15 +18,16 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
-from fedmq.broker.topics import Topics, TopicError, check_digest
+from fedmq.broker.topics import TopicError, Topics, check_digest
 from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, safe_unpack
 from fedmq.ftdl.manifest import TaskManifest, load_manifest
 from fedmq.ftdl.signing import TrustStore
@@ -51,7 +52,7 @@ class FetchResult:
 class _Download:
     """State of one archive being assembled; its callbacks run in paho's thread."""
 
-    def __init__(self, fetcher: "BundleFetcher", manifest: BundleManifest, path: Path,
+    def __init__(self, fetcher: BundleFetcher, manifest: BundleManifest, path: Path,
                  missing: list[int]) -> None:
         self.fetcher, self.manifest, self.path = fetcher, manifest, path
         self.pending = list(reversed(missing))
@@ -167,7 +168,7 @@ class BundleFetcher:
 
         def on_manifest(message: mqtt.MQTTMessage) -> None:
             if message.payload:
-                got.append(message.payload)
+                got.append(bytes(message.payload))
                 arrived.set()
 
         topic = self.topics.bundle_manifest(digest)

@@ -5,7 +5,7 @@ this device runs now; ``blocked`` those it must not start (quarantined after fai
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fedmq.broker.schema import Offer
 

@@ -35,7 +35,7 @@ class AgentState:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, path: Path) -> "AgentState":
+    def load(cls, path: Path) -> AgentState:
         state = cls(path)
         try:
             data = json.loads(path.read_text())

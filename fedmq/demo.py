@@ -9,8 +9,8 @@ Every process it started is stopped when it ends, also on Ctrl-C.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from importlib import resources
 import logging
 import shutil
 import signal
@@ -18,9 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
@@ -66,7 +68,7 @@ class DemoCluster:
         assert self.broker_url is not None
         return self.broker_url
 
-    def start(self) -> "DemoCluster":
+    def start(self) -> DemoCluster:
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         (self.workdir / "logs").mkdir(parents=True)
@@ -89,12 +91,14 @@ class DemoCluster:
         return self
 
     def _prepare_data(self) -> None:
-        sys.path.insert(0, str(self.examples / "digits"))
-        try:
-            from prepare import write_partitions  # the example's own partitioning
-        finally:
-            sys.path.pop(0)
-        self.data_sizes = write_partitions(self.workdir / "data", list(self.devices))
+        """The example's own partitioning (examples/digits/prepare.py), loaded from its file."""
+        path = self.examples / "digits" / "prepare.py"
+        spec = importlib.util.spec_from_file_location("fedmq_digits_prepare", path)
+        if spec is None or spec.loader is None:
+            raise DemoError(f"cannot load {path}")
+        prepare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prepare)
+        prepare.write_partitions(self.workdir / "data", list(self.devices))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log_file = (self.workdir / "logs" / f"{name}.log").open("ab")
@@ -106,12 +110,12 @@ class DemoCluster:
         return proc
 
     def start_cloud(self) -> None:
-        self._spawn("cloud", ["cloud", "--broker", self.url, "--home", str(self.workdir / "cloud"),
+        self._spawn("cloud", ["--broker", self.url, "cloud", "--home", str(self.workdir / "cloud"),
                               "--client-id", "demo-cloud", "--flower-bind", "127.0.0.1",
                               "--trusted-key", str(self.pub), "--require-signed"])
 
     def start_edge(self, device: str) -> None:
-        self._spawn(device, ["edge", "--device-id", device, "--broker", self.url,
+        self._spawn(device, ["--broker", self.url, "edge", "--device-id", device,
                              "--work-dir", str(self.workdir / "edges" / device),
                              "--data-dir", str(self.workdir / "data" / device), "--trust", str(self.pub),
                              "--recheck-interval", str(self.recheck_interval_s)])
@@ -146,7 +150,7 @@ class DemoCluster:
             self.embedded.stop()
             self.embedded = None
 
-    def __enter__(self) -> "DemoCluster":
+    def __enter__(self) -> DemoCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -161,7 +165,7 @@ class DemoCluster:
         try:
             self.call(service, "ping", timeout=2)
             return True
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             return False
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -344,7 +348,7 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, view: FleetVi
     events.sort(key=lambda e: e["ts"])
     try:
         result_metrics = cluster.call("tasks", "metrics", {"task": "C"})["rounds"]
-    except Exception:  # noqa: BLE001 - a run with no rounds has nothing to draw
+    except Exception:
         result_metrics = []
     result: dict[str, Any] = {
         "metrics": result_metrics,
@@ -372,7 +376,7 @@ class DemoScreen:
         self.view = FleetView(devices, self._on_device)
         self._live: Any = None
 
-    def __enter__(self) -> "DemoScreen":
+    def __enter__(self) -> DemoScreen:
         if self.console.is_terminal:
             from rich.live import Live
 
@@ -432,7 +436,8 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
     cluster = DemoCluster(workdir, broker)
     started = time.monotonic()
     try:
-        console.print(f"[bold]fedmq demo[/bold] ({scenario}): starting broker, cloud and {len(cluster.devices)} edge agents…")
+        console.print(f"[bold]fedmq demo[/bold] ({scenario}): starting broker, cloud and "
+                      f"{len(cluster.devices)} edge agents…")
         cluster.start()
         console.print(f"broker {cluster.url}; logs in {workdir / 'logs'}")
         with DemoScreen(console, cluster.devices, rounds) as screen:
@@ -446,7 +451,8 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
         try:
             from fedmq.plots import plot_metrics
 
-            plot_metrics(result["metrics"], workdir / "metrics.png", f"task C ({scenario}) — loss and accuracy per round")
+            plot_metrics(result["metrics"], workdir / "metrics.png",
+                         f"task C ({scenario}) — loss and accuracy per round")
         except RuntimeError as exc:  # matplotlib not installed: the demo still stands
             console.print(f"(no plot: {exc})")
     summary = {k: v for k, v in result.items() if k != "events"}

@@ -44,7 +44,8 @@ def ensure_installed(user_dir: Path, folder: Path = DASHBOARDS) -> Path:
     return red
 
 
-def node_red_command(broker_url: str, port: int, user_dir: Path, folder: Path = DASHBOARDS) -> tuple[list[str], dict[str, str]]:
+def node_red_command(broker_url: str, port: int, user_dir: Path,
+                     folder: Path = DASHBOARDS) -> tuple[list[str], dict[str, str]]:
     user_dir.mkdir(parents=True, exist_ok=True)
     red = ensure_installed(user_dir, folder)
     settings = BrokerSettings.from_url(broker_url)

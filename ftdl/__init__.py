@@ -6,8 +6,9 @@ The cloud runs a task's Flower server with it, the edge the Flower client.  Task
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedmq.ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
 from fedmq.ftdl.paths import require_absolute
@@ -44,6 +45,5 @@ def start_task(task_dir: Path, role: str, *, task_id: str, log_dir: Path,
                                     task_id=task_id, role=role, log_dir=log_dir, on_event=on_event,
                                     on_output=on_output, time_limit_s=time_limit_s,
                                     on_trigger=runner.handle, env=env)
-    process.triggers = runner  # type: ignore[attr-defined]
     return process.start()
 

@@ -15,14 +15,14 @@ import io
 import json
 import math
 import os
-
 import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, BinaryIO, Iterator, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
@@ -50,7 +50,7 @@ class BundleError(FedmqError):
     what kind of refusal it is (not found, not trusted, or invalid), which is what an RPC caller
     is told; ``details`` carries the code as ``reason``."""
 
-    def __new__(cls, code: str, message: str) -> "BundleError":
+    def __new__(cls, code: str, message: str) -> BundleError:
         kind = _KINDS.get(code, BundleInvalid) if cls is BundleError else cls
         return Exception.__new__(kind)
 
@@ -103,7 +103,7 @@ class BundleManifest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    format: Literal[1] = FORMAT
+    format: Literal[1] = 1
     digest: Hex64
     size: int
     chunk_size: int
@@ -114,7 +114,7 @@ class BundleManifest(BaseModel):
     signature: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self, info: ValidationInfo) -> "BundleManifest":
+    def _consistent(self, info: ValidationInfo) -> BundleManifest:
         limits: Limits = (info.context or {}).get("limits", Limits())
         if not 0 < self.size <= limits.max_bundle_bytes:
             raise ValueError(f"size must be 1..{limits.max_bundle_bytes} bytes")
@@ -158,7 +158,7 @@ class BundleManifest(BaseModel):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_wire(cls, data: Any, limits: Limits = Limits()) -> "BundleManifest":
+    def from_wire(cls, data: Any, limits: Limits = Limits()) -> BundleManifest:
         """Validate a manifest from the outside (broker, upload, the store's own files)."""
         if not isinstance(data, dict):
             raise BundleError("bad_manifest", "invalid bundle manifest: not an object")

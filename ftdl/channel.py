@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -95,7 +96,7 @@ def parse_frame(line: bytes) -> ReporterMessage:
     if not isinstance(body, dict):
         raise FrameError("frame is not an object")
     kind, data, ts = body.get("kind"), body.get("data", {}), body.get("ts", time.time())
-    if kind not in ReporterKind.__members__.values():
+    if not isinstance(kind, str) or kind not in ReporterKind.__members__.values():
         raise FrameError(f"unknown frame kind {kind!r}")
     if not isinstance(data, dict):
         raise FrameError("frame 'data' must be an object")

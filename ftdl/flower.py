@@ -19,20 +19,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import flwr as fl
-from flwr.common import (EvaluateRes, FitRes, Parameters, Scalar, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+import numpy as np
+from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR, MODEL_FILE, TaskReporter
 
-
-__all__ = ["ReportingStrategy", "ReportingClient", "flower_address", "join", "serve",
-           "weighted_average", "ndarrays_to_parameters", "parameters_to_ndarrays"]
+__all__ = [
+    "ReportingClient",
+    "ReportingStrategy",
+    "flower_address",
+    "join",
+    "ndarrays_to_parameters",
+    "parameters_to_ndarrays",
+    "serve",
+    "weighted_average",
+]
 
 
 def flower_address(address: str | None = None) -> str:

@@ -98,7 +98,7 @@ class ManifestFile(_Strict):
     requirements: Requirements = Field(default_factory=Requirements)
 
     @model_validator(mode="after")
-    def _has_an_entry(self) -> "ManifestFile":
+    def _has_an_entry(self) -> ManifestFile:
         if self.server is None and self.client is None:
             raise ValueError("a task needs a [server] or a [client] entry point")
         return self
@@ -124,7 +124,7 @@ class TaskManifest(_Strict):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TaskManifest":
+    def from_dict(cls, data: dict[str, Any]) -> TaskManifest:
         """Rebuild from ``to_dict`` output (as carried in bundle manifests), validating it as a
         ``fedmq.toml`` would be."""
         if not isinstance(data, dict):

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from fedmq.ftdl import reporter as rep
 from fedmq.ftdl.channel import ENV_FD, FrameReader, ReporterMessage
@@ -46,9 +47,6 @@ class TaskEvent:
     task_id: str
     role: str
     ts: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -123,7 +121,7 @@ class TaskProcess:
                  on_event: Callable[[TaskEvent], None] | None = None,
                  on_output: Callable[[str, str], None] | None = None,
                  time_limit_s: float | None = None, expect_finish: bool = True,
-                 on_trigger: Callable[["TaskProcess", ReporterMessage], None] | None = None) -> None:
+                 on_trigger: Callable[[TaskProcess, ReporterMessage], None] | None = None) -> None:
         self.argv = argv
         self.cwd = Path(cwd)
         self.task_id, self.role = task_id, role
@@ -150,7 +148,7 @@ class TaskProcess:
     @classmethod
     def for_entry(cls, task_dir: Path, entry: str, *, args: dict[str, Any] | None = None,
                   data_dir: Path | None = None, rpc: dict[str, str] | None = None,
-                  extra_argv: list[str] | None = None, **kwargs: Any) -> "TaskProcess":
+                  **kwargs: Any) -> TaskProcess:
         """Run ``entry`` (a .py file of the task folder) under ``ftdl.bootstrap``."""
         import json
 
@@ -160,11 +158,11 @@ class TaskProcess:
             env[rep.ENV_DATA_DIR] = str(data_dir)
         env.update(rep.rpc_env(rpc))
         env.update(kwargs.pop("env", None) or {})
-        argv = [sys.executable, "-m", "fedmq.ftdl.bootstrap", entry, *(extra_argv or [])]
+        argv = [sys.executable, "-m", "fedmq.ftdl.bootstrap", entry]
         return cls(argv, cwd=Path(task_dir), env=env, **kwargs)
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "TaskProcess":
+    def start(self) -> TaskProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._log_handler = logging.handlers.RotatingFileHandler(
             self.log_path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
@@ -186,9 +184,10 @@ class TaskProcess:
                 os.close(write_fd)
         reader = FrameReader(read_fd, self._on_frame, self._on_drop)
         self._spawn(reader.run, "reporter")
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self._spawn(lambda: self._pump("stdout", self.process.stdout), "stdout")  # type: ignore[union-attr]
-        self._spawn(lambda: self._pump("stderr", self.process.stderr), "stderr")  # type: ignore[union-attr]
+        stdout, stderr = self.process.stdout, self.process.stderr
+        assert stdout is not None and stderr is not None
+        self._spawn(lambda: self._pump("stdout", stdout), "stdout")
+        self._spawn(lambda: self._pump("stderr", stderr), "stderr")
         threading.Thread(target=self._monitor, name=f"{self.task_id}-{self.role}-monitor",
                          daemon=True).start()
         self._emit("started", {"pid": self.process.pid, "argv": self.argv[-1:]})
@@ -282,7 +281,7 @@ class TaskProcess:
     def _judge(self, code: int) -> TaskOutcome:
         duration = time.monotonic() - self._started_at
         sig = signal.Signals(-code).name if code < 0 else None
-        base = dict(exit_code=code if code >= 0 else None, signal=sig, error=self._error,
+        base: dict[str, Any] = dict(exit_code=code if code >= 0 else None, signal=sig, error=self._error,
                     finished=self._finished, log_tail=list(self._tail), duration_s=round(duration, 3))
         if self._timed_out:
             return TaskOutcome(False, f"time limit of {self.time_limit_s:g} s exceeded", timed_out=True, **base)

@@ -45,7 +45,7 @@ def task_args() -> dict[str, Any]:
 
 
 class TaskReporter:
-    _shared: "TaskReporter | None" = None
+    _shared: TaskReporter | None = None
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
         self._lock = threading.Lock()
@@ -63,7 +63,7 @@ class TaskReporter:
         self.role = os.environ.get(ENV_ROLE, "client")
 
     @classmethod
-    def get(cls) -> "TaskReporter":
+    def get(cls) -> TaskReporter:
         """The process-wide reporter (one pipe, one writer)."""
         if cls._shared is None:
             cls._shared = cls()
@@ -85,10 +85,10 @@ class TaskReporter:
         """Facts about this run (data quantity, model size, ...)."""
         self._send("info", info)
 
-    def send_stats(self, round: int, metrics: dict[str, Any]) -> None:  # noqa: A002 - AGATA's name
+    def send_stats(self, round: int, metrics: dict[str, Any]) -> None:
         self._send("stats", {"round": round, "metrics": metrics})
 
-    def send_error(self, type: str, message: str) -> None:  # noqa: A002 - AGATA's name
+    def send_error(self, type: str, message: str) -> None:
         self._send("error", {"type": type, "message": message})
 
     def trigger(self, name: str, *args: str) -> None:
@@ -96,7 +96,7 @@ class TaskReporter:
         self._send("trigger", {"name": name, "args": [str(a) for a in args]})
 
     # fedmq's additions --------------------------------------------------------------------
-    def send_progress(self, round: int, total: int) -> None:  # noqa: A002
+    def send_progress(self, round: int, total: int) -> None:
         self._send("progress", {"round": round, "total": total})
 
     def log(self, message: str, level: str = "info") -> None:

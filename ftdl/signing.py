@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class SigningKey:
         return base64.b64encode(self.private.sign(message)).decode("ascii")
 
     @classmethod
-    def load(cls, path: Path | str) -> "SigningKey":
+    def load(cls, path: Path | str) -> SigningKey:
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
@@ -75,7 +76,7 @@ class TrustStore:
         self.keys: dict[str, Ed25519PublicKey] = {key_id(k): k for k in keys or []}
 
     @classmethod
-    def from_paths(cls, paths: list[Path | str]) -> "TrustStore":
+    def from_paths(cls, paths: Sequence[Path | str]) -> TrustStore:
         """Each path is a ``.pub`` file or a folder of them."""
         keys: list[Ed25519PublicKey] = []
         for entry in map(Path, paths):

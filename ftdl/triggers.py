@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedmq.ftdl.channel import ReporterMessage
 from fedmq.ftdl.manifest import TriggerSpec
@@ -30,7 +30,6 @@ class TriggerRunner:
         self.task_dir, self.log_dir, self.env = Path(task_dir), Path(log_dir), env
         self.on_event = on_event
         self._slots = threading.Semaphore(max_concurrent)
-        self._threads: list[threading.Thread] = []
 
     def handle(self, source: TaskProcess, message: ReporterMessage) -> None:
         name = message.data["name"]
@@ -51,7 +50,6 @@ class TriggerRunner:
         thread = threading.Thread(target=self._run, args=(spec, list(args), source, emit), daemon=True,
                                   name=f"trigger-{name}")
         thread.start()
-        self._threads.append(thread)
 
     def _run(self, spec: TriggerSpec, args: list[str], source: TaskProcess,
              emit: Callable[..., None]) -> None:
@@ -74,6 +72,3 @@ class TriggerRunner:
                  exit_code=outcome.exit_code, output=outcome.log_tail[-20:],
                  duration_s=outcome.duration_s)
 
-    def join(self, timeout: float = 10.0) -> None:
-        for thread in self._threads:
-            thread.join(timeout)

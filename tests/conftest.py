@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
-from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.errors import NotFound
+from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.rpc_server import CallContext, RpcServer, rpc
 
 pytest_plugins = ["fedmq.broker.pytest_plugin"]
@@ -66,7 +67,7 @@ class Inbox:
     """A raw subscriber that collects decoded messages, for tests that speak the wire by hand."""
 
     def __init__(self, connection: MqttConnection, topic_filter: str) -> None:
-        self.messages: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[str, Any]] = queue.Queue()
         connection.subscribe(topic_filter, self._on, qos=1)
 
     def _on(self, message: Any) -> None:

@@ -16,7 +16,8 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -54,7 +55,7 @@ class Collector:
     """Every message a raw client receives, subscribed or not."""
 
     def __init__(self) -> None:
-        self.messages: "queue.Queue[tuple[str, bytes, bool]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
 
     def __call__(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.messages.put((message.topic, bytes(message.payload), bool(message.retain)))
@@ -76,7 +77,7 @@ def seed_retained(port: int) -> mqtt.Client:
     cloud = raw_client(port, "cloud-like")
     cloud.on_message = Collector()
     for topic_filter in CLOUD_FILTERS:
-        result, mid = cloud.subscribe(topic_filter, 1)
+        result, _mid = cloud.subscribe(topic_filter, 1)
         assert result == mqtt.MQTT_ERR_SUCCESS
     time.sleep(0.3)
     publisher.disconnect()
@@ -147,7 +148,7 @@ def test_a_reconnecting_device_sees_each_announcement_once(mqtt_broker: Any) -> 
     """A persistent-session client that reconnects (and re-subscribes, as MqttConnection does)
     gets each retained announcement once, not once per matching filter on the broker."""
     cloud = seed_retained(mqtt_broker.port)
-    seen: "queue.Queue[str]" = queue.Queue()
+    seen: queue.Queue[str] = queue.Queue()
     device = MqttConnection(f"fedmq-edge-{uuid.uuid4().hex[:6]}", mqtt_broker.url, persistent=True)
     try:
         device.start()
@@ -164,7 +165,7 @@ def test_a_reconnecting_device_sees_each_announcement_once(mqtt_broker: Any) -> 
     assert sorted(again) == ["fedmq/v1/tasks/a", "fedmq/v1/tasks/b"]
 
 
-def drain(messages: "queue.Queue[str]", quiet_s: float = 1.0) -> list[str]:
+def drain(messages: queue.Queue[str], quiet_s: float = 1.0) -> list[str]:
     got = []
     while True:
         try:
@@ -176,7 +177,7 @@ def drain(messages: "queue.Queue[str]", quiet_s: float = 1.0) -> list[str]:
 def test_a_persistent_session_gets_what_was_published_while_it_was_away(mqtt_broker: Any) -> None:
     """Commands to a sleeping device wait at the broker (QoS 1, clean session off)."""
     client_id = f"fedmq-edge-{uuid.uuid4().hex[:6]}"
-    got: "queue.Queue[bytes]" = queue.Queue()
+    got: queue.Queue[bytes] = queue.Queue()
     device = MqttConnection(client_id, mqtt_broker.url, persistent=True).start()
     device.subscribe("fedmq/v1/devices/sleepy/cmd", lambda m: got.put(bytes(m.payload)), qos=1)
     device.stop()
@@ -205,7 +206,7 @@ def test_stock_amqtt_drops_an_open_brokers_persistent_sessions() -> None:
         "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
     with broker:
-        got: "queue.Queue[bytes]" = queue.Queue()
+        got: queue.Queue[bytes] = queue.Queue()
         device = MqttConnection("fedmq-edge-stock", broker.url, persistent=True).start()
         device.subscribe("cmd", lambda m: got.put(bytes(m.payload)), qos=1)
         device.stop()
@@ -260,7 +261,7 @@ def churn(port: int, seconds: float, stream_messages: int = 300) -> tuple[list[i
     fetcher = raw_client(port, new_client_id("fetcher"))
     fetcher.on_message = Collector()
     fetcher.subscribe([(f"fedmq/v1/bundles/{'1' * 64}/{index}", 1) for index in range(CHUNKS)])
-    steady_got: "queue.Queue[str]" = queue.Queue()
+    steady_got: queue.Queue[str] = queue.Queue()
     steady = MqttConnection(new_client_id("steady"), f"mqtt://127.0.0.1:{port}").start()
     steady.subscribe("churn/stream", lambda m: steady_got.put(m.payload.decode()), qos=1)
     stop = threading.Event()
@@ -277,7 +278,7 @@ def churn(port: int, seconds: float, stream_messages: int = 300) -> tuple[list[i
                 client.disconnect()
                 client.loop_stop()
                 cycles[0] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported to the test
+            except BaseException as exc:
                 errors.append(exc)
                 return
 

@@ -14,8 +14,9 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,7 @@ from fedmq.broker.topics import Topics
 from fedmq.cloud.app import CloudApp, CloudConfig
 from fedmq.cloud.bundle_client import push_folder
 from fedmq.edge.bundle_fetch import BundleFetcher
-from fedmq.ftdl.bundle import (BundleError, BundleManifest, FileEntry, Limits, build_bundle, chunk_digests,
-                         safe_unpack)
+from fedmq.ftdl.bundle import BundleError, BundleManifest, FileEntry, build_bundle, chunk_digests, safe_unpack
 from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair
 
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
@@ -96,8 +96,8 @@ def test_packing_is_deterministic_and_unpacks_byte_identical(tmp_path: Path) -> 
 
 def test_round_trip_cli_push_two_edges(cloud: CloudApp, conns: Any, keys: dict, tmp_path: Path, mqtt_broker: Any) -> None:
     task = make_big_task(tmp_path / "task", 100_000)
-    done = subprocess.run([*FEDMQ, "bundle", "push", str(task), "--key", str(keys["key"]),
-                           "--broker", mqtt_broker.url], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*FEDMQ, "--broker", mqtt_broker.url, "bundle", "push", str(task), "--key", str(keys["key"])],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     digest = done.stdout.strip()
     assert len(digest) == 64 and "signed by" in done.stderr
@@ -139,10 +139,10 @@ def test_killed_edge_resumes_and_fetches_only_missing_chunks(cloud: CloudApp, co
     task = make_big_task(tmp_path / "big", 2_000_000)
     digest = push_folder(operator(conns), task, key=keys["signing"]).manifest.digest
     cache = tmp_path / "edge"
-    proc = subprocess.Popen([*FEDMQ, "bundle", "fetch", digest, "--cache", str(cache), "--trust", str(keys["pub"]),
-                             "--window", "1", "--broker", mqtt_broker.url], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*FEDMQ, "--broker", mqtt_broker.url, "bundle", "fetch", digest, "--cache", str(cache),
+                             "--trust", str(keys["pub"]), "--window", "1"], stderr=subprocess.PIPE, text=True)
     lines = 0
-    for line in proc.stdout:  # type: ignore[union-attr]
+    for line in proc.stderr:  # type: ignore[union-attr]  (progress goes to stderr)
         lines += line.startswith("chunk ")
         if lines >= 25:
             proc.send_signal(signal.SIGKILL)
@@ -242,7 +242,7 @@ def test_hostile_bundles_are_refused_and_nothing_is_written_outside(case: str, c
     before = set(tmp_path.rglob("*"))
     with pytest.raises(BundleError) as err:
         fetcher(conns, cache, keys["trust"], events).fetch(digest)
-    expected = case.split("_dotdot")[0].split("_absolute")[0]
+    expected = case.split("_dotdot", maxsplit=1)[0].split("_absolute", maxsplit=1)[0]
     assert err.value.code == expected, err.value
     assert events[-1] == ("bundle_refused", {"digest": digest, "reason": expected, "message": err.value.message})
     assert not (cache / "bundles" / digest).exists()

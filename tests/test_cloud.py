@@ -12,8 +12,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -38,7 +39,7 @@ class Watch:
     """Collects retained/live messages on a topic filter."""
 
     def __init__(self, conn: MqttConnection, topic_filter: str) -> None:
-        self.items: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
         conn.subscribe(topic_filter, lambda m: self.items.put((m.topic, codec.decode(m.payload)[0] if m.payload else None)))
 
     def until(self, predicate: Any, timeout: float = 15.0) -> Any:
@@ -46,7 +47,7 @@ class Watch:
         seen = []
         while time.time() < deadline:
             try:
-                topic, body = self.items.get(timeout=0.2)
+                _topic, body = self.items.get(timeout=0.2)
             except queue.Empty:
                 continue
             seen.append(body)
@@ -87,7 +88,7 @@ def spawn_cloud(url: str, home: Path, client_id: str, log_path: Path) -> subproc
     """``fedmq cloud`` as its own process, returned once it says it is serving."""
     log_path.write_text("")
     with log_path.open("a") as log:
-        proc = subprocess.Popen([*FEDMQ, "cloud", "--broker", url, "--home", str(home), "--client-id", client_id],
+        proc = subprocess.Popen([*FEDMQ, "--broker", url, "cloud", "--home", str(home), "--client-id", client_id],
                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while "serving" not in log_path.read_text():
@@ -236,7 +237,7 @@ def test_criteria_injection_is_refused_and_nothing_is_stored(bad_input_cloud: di
 def test_bad_requests_get_clear_codes_and_change_nothing(bad_input_cloud: dict) -> None:
     op, digest = bad_input_cloud["op"], bad_input_cloud["digest"]
     for method in ("get", "start", "stop", "delete"):
-        expect(ErrorCode.NOT_FOUND, lambda: op.call("tasks", method, {"task": "nope"}))
+        expect(ErrorCode.NOT_FOUND, lambda method=method: op.call("tasks", method, {"task": "nope"}))
     expect(ErrorCode.NOT_FOUND, lambda: op.call("tasks", "update", {"task": "nope", "priority": 1}))
     expect(ErrorCode.NOT_FOUND, lambda: op.call("tasks", "create", {"name": "x", "bundle": "a" * 64}))
     expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "create", {"name": "x", "bundle": "../etc"}))
@@ -291,7 +292,7 @@ def test_device_info_with_wrong_types(bad_input_cloud: dict, client_factory: Any
     dev.call("devices", "update_info", {"info": DEVICE_INFO})
     for bad in ({"data_quantity": "lots"}, {"memory_mb": -1}, {"packages": {"torch": 2}}, {"unknown_key": 1},
                 {"data_quantity": True}, {"tasks": {"t": {"accuracy": "high"}}}, {"extra": {"blob": "x" * 70000}}):
-        expect(ErrorCode.INVALID_ARGS, lambda: dev.call("devices", "update_info", {"info": bad}))
+        expect(ErrorCode.INVALID_ARGS, lambda bad=bad: dev.call("devices", "update_info", {"info": bad}))
     assert bad_input_cloud["op"].call("devices", "get_info", {"device": "dev-9"})["info"]["data_quantity"] == 150
     expect(ErrorCode.NOT_FOUND, lambda: bad_input_cloud["op"].call("devices", "get_info", {"device": "ghost"}))
     expect(ErrorCode.NOT_FOUND, lambda: client_factory(bad_input_cloud["url"], "dev-new").call("tasks", "request"))
@@ -362,8 +363,8 @@ def test_cloud_restart_keeps_state_and_fails_interrupted_tasks(mqtt_broker: Any,
         dev = client_factory(mqtt_broker.url, "dev-r")
         dev.call("devices", "update_info", {"info": DEVICE_INFO})
         assert [o["id"] for o in dev.call("tasks", "request")] == ["run"]
-        server_pid = [p.pid for p in psutil.Process(cloud.pid).children(recursive=True)
-                      if "ftdl.bootstrap" in " ".join(p.cmdline())][0]
+        server_pid = next(p.pid for p in psutil.Process(cloud.pid).children(recursive=True)
+                          if "ftdl.bootstrap" in " ".join(p.cmdline()))
         cloud.send_signal(signal.SIGKILL)
         cloud.wait(10)
         assert pid_alive(server_pid)  # an orphaned Flower server, as a crash leaves it

@@ -4,7 +4,7 @@ import pytest
 
 from fedmq.broker import codec
 from fedmq.broker.envelope import EnvelopeError, Reply, Request
-from fedmq.broker.topics import Topics, TopicError
+from fedmq.broker.topics import TopicError, Topics
 
 
 def test_detects_json_and_msgpack() -> None:

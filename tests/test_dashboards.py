@@ -6,23 +6,28 @@ land in ``artifacts/dashboards/``."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.net import free_port
-from fedmq.node_red import node_red_command
 from fedmq.demo import DemoCluster
+from fedmq.node_red import node_red_command
+
 from tests_support import Browser
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    shutil.which("chromium") is None or shutil.which("npm") is None,
+    reason="the dashboards' browser test needs Chromium and npm: bash scripts/install.sh --test (as root or with sudo)")]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboards"
 
 ROW = ("Array.from(document.querySelectorAll('.fedmq-tasks tr')).map(r => Array.from(r.cells).map(c => c.innerText))"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -89,7 +90,7 @@ def settle(cluster: DemoCluster, predicate: Any, timeout: float, what: str) -> N
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001 - the cloud may still be coming back
+        except Exception:
             pass
         time.sleep(0.3)
     raise AssertionError(f"not settled: {what}")

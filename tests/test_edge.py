@@ -8,16 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.schema import Offer
 from fedmq.cloud.app import CloudApp, CloudConfig
 from fedmq.edge.agent import EdgeAgent, EdgeConfig
-from fedmq.broker.schema import Offer
 from fedmq.edge.config import load_edge_config
 from fedmq.edge.info import data_quantity, gather
 from fedmq.edge.policy import at_most_one, get_policy
@@ -110,7 +111,7 @@ def wait(predicate: Any, timeout: float = 15.0) -> Any:
             value = predicate()
             if value:
                 return value
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         time.sleep(0.1)
     raise AssertionError("condition not met")

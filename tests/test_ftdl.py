@@ -17,7 +17,7 @@ import pytest
 
 from fedmq import ftdl
 from fedmq.broker.net import free_port
-from fedmq.ftdl import TaskEvent, TaskProcess
+from fedmq.ftdl import TaskEvent
 from fedmq.ftdl.channel import MAX_FRAME_BYTES, FrameReader, parse_frame
 from fedmq.ftdl.manifest import ManifestError, load_manifest, parse_manifest
 
@@ -171,7 +171,7 @@ def test_a_hang_past_the_time_limit_is_ended(tmp_path: Path) -> None:
     """
     folder = write_task(tmp_path / "t", code)
     started = time.time()
-    proc, events = run_client(folder, tmp_path, time_limit=2.0)
+    proc, _events = run_client(folder, tmp_path, time_limit=2.0)
     outcome = proc.wait(20)
     assert outcome is not None and outcome.timed_out and "time limit of 2 s" in outcome.cause
     assert time.time() - started < 10

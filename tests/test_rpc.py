@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import Topics
+
 from conftest import Inbox, Stack
 
 TOPICS = Topics()
@@ -238,6 +238,7 @@ def test_mqtt5_response_topic_and_correlation_data(mosquitto_broker: Any) -> Non
     from paho.mqtt.properties import Properties
 
     from fedmq.broker.rpc_server import RpcServer
+
     from conftest import EchoState, make_echo_service
 
     url5 = mosquitto_broker.url + "?protocol=5"

@@ -94,7 +94,7 @@ class Browser:
     def close(self) -> None:
         try:
             self.ws.close()
-        except Exception:  # noqa: BLE001 - closing anyway
+        except Exception:
             pass
         self.proc.terminate()
         try:

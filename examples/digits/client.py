@@ -4,10 +4,10 @@ import os
 import time
 
 from flwr.client import NumPyClient
+from model import evaluate, get_weights, load_partition, make_model, set_weights, train
 
 from fedmq.ftdl import TaskReporter, task_args
 from fedmq.ftdl.flower import join
-from model import evaluate, get_weights, load_partition, make_model, set_weights, train
 
 args = task_args()
 x, y = load_partition(os.environ["FEDMQ_DATA_DIR"])

@@ -22,7 +22,7 @@ def get_weights(model: nn.Module) -> list[np.ndarray]:
 
 def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     keys = list(model.state_dict().keys())
-    model.load_state_dict({k: torch.tensor(w) for k, w in zip(keys, weights)}, strict=True)
+    model.load_state_dict({k: torch.tensor(w) for k, w in zip(keys, weights, strict=True)}, strict=True)
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

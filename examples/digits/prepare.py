@@ -27,12 +27,12 @@ def split(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
 def write_partitions(out: Path, devices: list[str], seed: int = 0) -> dict[str, int]:
     (x, y), _ = split(seed)
     sizes = {}
-    for device, part in zip(devices, np.array_split(np.arange(len(x)), len(devices))):
+    for device, part in zip(devices, np.array_split(np.arange(len(x)), len(devices)), strict=True):
         folder = out / device
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "train.npz", x=x[part], y=y[part])
-        (folder / "meta.json").write_text(json.dumps({"samples": int(len(part)), "dataset": "sklearn-digits"}))
-        sizes[device] = int(len(part))
+        (folder / "meta.json").write_text(json.dumps({"samples": len(part), "dataset": "sklearn-digits"}))
+        sizes[device] = len(part)
     return sizes
 
 

@@ -1,10 +1,10 @@
 """Federated averaging of the digits MLP; the global model is evaluated on the held-out test set."""
 
 from flwr.server.strategy import FedAvg
+from model import evaluate, get_weights, make_model, set_weights, test_split
 
 from fedmq.ftdl import task_args
 from fedmq.ftdl.flower import ndarrays_to_parameters, serve, weighted_average
-from model import evaluate, get_weights, make_model, set_weights, test_split
 
 args = task_args()
 x_test, y_test = test_split(int(args.get("seed", 0)))

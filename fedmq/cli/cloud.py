@@ -1,0 +1,58 @@
+"""``fedmq cloud``: the cloud services in the foreground."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from fedmq.broker.connection import BrokerUnavailable
+from fedmq.broker.topics import DEFAULT_PREFIX
+from fedmq.cli.common import ExitCode, console, fail, globals_of
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(cloud)
+
+
+def cloud(ctx: typer.Context,
+          home: Path = typer.Option(Path("fedmq-cloud"), "--home", envvar="FEDMQ_CLOUD_HOME",
+                                    help="Folder for the bundle store, task runs and the SQLite database."),
+          db: str | None = typer.Option(None, "--db", envvar="FEDMQ_DB", show_default=False,
+                                           help="Database URL (default: SQLite in --home; or postgresql://user@host/db)."),
+          services: str = typer.Option("bundles,devices,tasks,events", help="Comma-separated services to run."),
+          trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
+                                                 "this public key (file or folder); repeatable."),
+          require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads."),
+          chunk_size: int = typer.Option(64 * 1024, help="Bytes per retained bundle chunk."),
+          flower_bind: str = typer.Option("0.0.0.0", help="Interface Flower servers listen on."),
+          flower_advertise: str = typer.Option("127.0.0.1", help="Host devices use to reach Flower servers."),
+          client_id: str = typer.Option("fedmq-cloud", help="MQTT client id (persistent session)."),
+          shared_group: str | None = typer.Option(None, show_default=False, help="Share requests with other "
+                                                  "replicas through $share/<group>/ (Mosquitto, EMQX, ...).")) -> None:
+    """Run the cloud services in the foreground (all in one process by default)."""
+    from fedmq.cloud.app import CloudApp, CloudConfig
+
+    g = globals_of(ctx)
+    config = CloudConfig(broker=g.broker_url, prefix=g.prefix or DEFAULT_PREFIX, home=home, db=db,
+                         client_id=client_id, trusted_keys=trusted_key, require_signed=require_signed,
+                         chunk_size=chunk_size, shared_group=shared_group,
+                         services=tuple(s.strip() for s in services.split(",") if s.strip()),
+                         flower_bind=flower_bind, flower_advertise=flower_advertise)
+    try:
+        cloud_app = CloudApp(config)
+        cloud_app.start()
+    except BrokerUnavailable as exc:
+        fail(ExitCode.UNREACHABLE, str(exc))
+    except (ValueError, RuntimeError, OSError) as exc:
+        fail(ExitCode.BAD_INPUT, str(exc))
+    console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on "
+                  f"{cloud_app.connection.settings.url} (home {config.home})", highlight=False)
+
+    def on_term(*_: Any) -> None:  # stop like Ctrl-C: running tasks' servers are stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    cloud_app.serve_forever()

@@ -1,0 +1,28 @@
+"""``fedmq dashboards``: Node-RED with the fedmq flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedmq.cli.common import ExitCode, console, fail, globals_of
+from fedmq.ftdl.paths import absolute
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(dashboards)
+
+
+def dashboards(ctx: typer.Context,
+               port: int = typer.Option(1880, help="HTTP port of Node-RED (dashboard at /dashboard)."),
+               user_dir: Path = typer.Option(Path("fedmq-dashboards"), "--user-dir",
+                                             help="Node-RED's folder (the flows are copied there at each start; "
+                                                  "Node-RED is installed there with npm if need be).")) -> None:
+    """Run Node-RED with the fedmq dashboards against the broker."""
+    from fedmq.node_red import DashboardError, run_node_red
+
+    try:
+        run_node_red(globals_of(ctx).broker_url, port, absolute(user_dir), console)
+    except DashboardError as exc:
+        fail(ExitCode.BAD_INPUT, str(exc))
