@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tarfile
@@ -24,8 +23,6 @@ from fedmq.broker.topics import TopicError, check_digest
 from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, inspect_archive
 from fedmq.ftdl.manifest import MANIFEST_NAME, TaskManifest, parse_manifest
 from fedmq.ftdl.signing import TrustStore
-
-log = logging.getLogger("fedmq.cloud.bundles")
 
 
 def bundle_digest(value: str) -> str:

@@ -8,8 +8,9 @@ from typing import Any
 
 from fedmq.broker.events import EventKind
 from fedmq.broker.schema import TaskState
-from fedmq.cloud.db import Event, Task
-from fedmq.cloud.errors import RunNotFound, TaskNotFound
+from fedmq.cloud.db import Event
+from fedmq.cloud.errors import RunNotFound
+from fedmq.cloud.task_views import load_task
 from fedmq.ftdl.bundle import file_digest
 from fedmq.ftdl.reporter import MODEL_FILE
 
@@ -24,16 +25,9 @@ class RunHistory:
     def run_path(self, task_id: str, run: int) -> Path:
         return self.home / "runs" / task_id / str(run)
 
-    @staticmethod
-    def _task(task_id: str) -> Task:
-        task = Task.get_or_none(Task.id == task_id)
-        if task is None:
-            raise TaskNotFound(f"no task {task_id!r}")
-        return task
-
     def runs(self, task_id: str) -> list[dict[str, Any]]:
         """Each run of a task: when, with what, how it ended."""
-        self._task(task_id)
+        load_task(task_id)
         runs: dict[int, dict[str, Any]] = {}
         kinds = [EventKind.TASK_STARTED, *_ENDS]
         for event in Event.select().where((Event.task == task_id) & Event.kind.in_(kinds)).order_by(Event.ts):
@@ -48,7 +42,7 @@ class RunHistory:
         return [runs[k] for k in sorted(runs)]
 
     def run_number(self, task_id: str, run: int | None) -> int:
-        task = self._task(task_id)
+        task = load_task(task_id)
         if run is None:
             if not task.run:
                 raise RunNotFound(f"task {task_id} has not run yet")

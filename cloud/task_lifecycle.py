@@ -16,7 +16,6 @@ half-finished federated run cannot be resumed, and saying so beats pretending.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import threading
 import time
@@ -38,13 +37,11 @@ from fedmq.cloud.ports import Publisher
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
 from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
-from fedmq.cloud.task_views import TaskView, flower_address, task_view
+from fedmq.cloud.task_views import TaskView, flower_address, load_task, task_view
 from fedmq.ftdl import TaskEvent
 from fedmq.ftdl.bundle import BundleError, build_bundle, safe_unpack
 from fedmq.ftdl.channel import ReporterKind
 from fedmq.ftdl.manifest import ManifestError
-
-log = logging.getLogger("fedmq.cloud.tasks")
 
 _END_EVENTS = {TaskState.FINISHED: EventKind.TASK_FINISHED, TaskState.FAILED: EventKind.TASK_FAILED,
                TaskState.STOPPED: EventKind.TASK_STOPPED}
@@ -67,12 +64,7 @@ class TaskLifecycle:
         self._lock = threading.RLock()
 
     # --- reading -----------------------------------------------------------------------------
-    @staticmethod
-    def get(task_id: str) -> Task:
-        task = Task.get_or_none(Task.id == task_id)
-        if task is None:
-            raise TaskNotFound(f"no task {task_id!r}")
-        return task
+    get = staticmethod(load_task)
 
     @staticmethod
     def query(state: TaskState | None, tag: str | None) -> list[Task]:

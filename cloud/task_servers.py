@@ -3,7 +3,6 @@ own process group, with its run folder (logs, the final model) under the cloud h
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -19,7 +18,6 @@ from fedmq.ftdl.paths import require_absolute
 from fedmq.ftdl.process import TaskProcess
 from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR
 
-log = logging.getLogger("fedmq.cloud.servers")
 STOP_GRACE_S = 5.0
 
 

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from fedmq.broker.schema import Offer, TaskAnnouncement
 from fedmq.cloud.db import Task
+from fedmq.cloud.errors import TaskNotFound
 
 
 class TaskView(TaskAnnouncement):
@@ -28,6 +29,14 @@ class TaskView(TaskAnnouncement):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def load_task(task_id: str) -> Task:
+    """The task row, or ``TaskNotFound``."""
+    task = Task.get_or_none(Task.id == task_id)
+    if task is None:
+        raise TaskNotFound(f"no task {task_id!r}")
+    return task
 
 
 def flower_address(task: Task) -> str | None:

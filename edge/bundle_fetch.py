@@ -13,7 +13,6 @@ bounds what is in flight and means a resumed download asks only for what is miss
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import threading
@@ -31,8 +30,6 @@ from fedmq.broker.topics import TopicError, Topics, check_digest
 from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, safe_unpack
 from fedmq.ftdl.manifest import TaskManifest, load_manifest
 from fedmq.ftdl.signing import TrustStore
-
-log = logging.getLogger("fedmq.edge.bundles")
 
 DEFAULT_WINDOW = 8
 

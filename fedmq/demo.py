@@ -37,7 +37,6 @@ from fedmq.cloud.task_client import wait_for_task
 from fedmq.ftdl.paths import absolute
 from fedmq.ftdl.signing import SigningKey, generate_keypair
 
-log = logging.getLogger("fedmq.demo")
 EXAMPLES = Path(str(resources.files("fedmq.examples")))  # package data: works from a wheel too
 DEVICES = ("dev-1", "dev-2")
 
