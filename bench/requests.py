@@ -85,7 +85,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-requests-"))
     mosq = MosquittoProcess().start()
     log = (work / "cloud.log").open("w")
-    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", mosq.url, "cloud", "--home",
+    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", mosq.url, "cloud", "--allow-unsigned", "--home",
                               str(work / "cloud"), "--client-id", "bench-cloud"], stdout=log, stderr=subprocess.STDOUT)
     conns: list[MqttConnection] = []
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from enum import Enum, StrEnum
 from typing import Any
 
@@ -78,6 +79,41 @@ def decode(payload: bytes | bytearray | memoryview, codec: Codec | None = None) 
             return json.loads(data.decode("utf-8")), codec
         # strict_map_key: only str/bytes keys, so a hostile map cannot smuggle odd key types.
         return msgpack.unpackb(data, raw=False, strict_map_key=True), codec
+    except RecursionError:
+        raise CodecError(f"payload is nested too deeply to be {codec.value}") from None
     except (ValueError, TypeError, UnicodeDecodeError, msgpack.ExtraData,
             msgpack.FormatError, msgpack.StackError) as exc:
         raise CodecError(f"payload is not valid {codec.value}: {exc}") from exc
+
+
+MAX_DEPTH = 32
+
+
+def check_tree(value: Any, what: str = "value", max_depth: int = MAX_DEPTH) -> None:
+    """Refuse what either codec can carry but fedmq must not store or forward: numbers JSON
+    cannot carry (NaN, Infinity -- msgpack and Python's JSON reader accept them, and one such value
+    stored would make every later JSON answer that includes it fail) and nesting deeper than
+    ``max_depth`` (kept iterative, so a hostile payload cannot exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise CodecError(f"{what} nests deeper than {max_depth} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise CodecError(f"{what} holds {item!r}, which JSON cannot carry")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: for numbers fedmq produces itself
+    (a diverged training's NaN loss), which are reported as unknown rather than refused."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

@@ -134,6 +134,7 @@ class MqttConnection:
         self._lock = threading.Lock()
         self._connect_listeners: list[Callable[[bool], None]] = []
         self._last_refusal: str | None = None
+        self._connect_failures = 0
         self._resubscribed = threading.Event()
         self._started = False
 
@@ -153,6 +154,7 @@ class MqttConnection:
         if will is not None:
             self.client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self.client.on_pre_connect = self._on_pre_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_socket_open = self._on_socket_open
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -164,7 +166,7 @@ class MqttConnection:
         return self.settings.protocol == 5
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self, wait: bool = True, timeout: float = 10.0) -> MqttConnection:
+    def start(self, wait: bool = True, timeout: float = 10.0, *, fail_fast: bool = False) -> MqttConnection:
         """Connect in the background; paho keeps reconnecting with backoff from here on."""
         if self._started:
             return self
@@ -184,15 +186,29 @@ class MqttConnection:
                                   clean_start=clean_start, properties=properties)
         self.client.loop_start()
         if wait:
-            self.wait_connected(timeout)
+            self.wait_connected(timeout, fail_fast=fail_fast)
         return self
 
-    def wait_connected(self, timeout: float = 10.0) -> None:
-        if not self.connected.wait(timeout):
-            why = f" ({self._last_refusal})" if self._last_refusal else ""
-            where = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
-            raise BrokerUnavailable(
-                f"no connection to the MQTT broker at {where} within {timeout:g} s{why}")
+    def wait_connected(self, timeout: float = 10.0, *, fail_fast: bool = False) -> None:
+        """Wait for CONNACK.  With ``fail_fast`` (a command a person waits for) give up at the first
+        attempt the network or the broker refuses, saying why; otherwise (services) keep trying."""
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(0.05):
+            refused = fail_fast and (self._connect_failures or self._last_refusal)
+            if refused or time.monotonic() >= deadline:
+                why = self._last_refusal or (self._network_error() if fail_fast else None)
+                where = ", ".join(f"{h}:{p}" for h, p in self._endpoints)
+                raise BrokerUnavailable(
+                    f"no connection to the MQTT broker at {where}" + (f" ({why})" if why else
+                                                                       f" within {timeout:g} s"))
+
+    def _network_error(self) -> str | None:
+        host, port = self._endpoints[self._endpoint]
+        try:
+            with socket.create_connection((host, port), timeout=2.0):
+                return None
+        except OSError as exc:
+            return exc.strerror or str(exc)
 
     def stop(self) -> None:
         """Disconnect cleanly (a clean disconnect does not fire the last will)."""
@@ -276,6 +292,9 @@ class MqttConnection:
         if self.will_factory is not None:
             will = self.will_factory()
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        self._connect_failures += 1
 
     @staticmethod
     def _on_socket_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:

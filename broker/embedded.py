@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+
+from fedmq.broker.acl import CONTROL_TOPIC
+from fedmq.broker.dynamic_security import DynamicSecurity
 
 log = logging.getLogger("fedmq.broker.embedded")
 
@@ -59,11 +63,56 @@ class PasswordAuthPlugin(BaseAuthPlugin):
 
 
 class _Broker(Broker):
-    """amqtt's broker without the connect-time replay of other clients' retained messages."""
+    """amqtt's broker without the connect-time replay of other clients' retained messages, and,
+    with ``security`` set, Mosquitto's dynamic-security rules (``broker.dynamic_security``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, security: DynamicSecurity | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connecting: set[int] = set()
+        self.security = security
+        if security is not None:
+            security.on_kick = self._kick_soon
+
+    # --- dynamic security ----------------------------------------------------------------------
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        if self.security is None:
+            return await super()._authenticate(session, listener)
+        return self.security.authenticate(session.username, session.password, session.client_id)
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        if self.security is None:
+            return await super()._topic_filtering(session, topic, action)
+        kind = {Action.PUBLISH: "publishClientSend", Action.RECEIVE: "publishClientReceive",
+                Action.SUBSCRIBE: "subscribe"}[action]
+        return self.security.allowed(session.username, kind, topic)
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
+        message = wait_deliver.result()
+        if self.security is not None and message is not None and message.topic == CONTROL_TOPIC:
+            # amqtt refuses every $ topic a client publishes; this one is dynamic security's.
+            if self.security.allowed(client_session.username, "publishClientSend", message.topic):
+                try:
+                    request = json.loads(bytes(message.data))
+                except ValueError:
+                    request = {}
+                answer = self.security.handle(request if isinstance(request, dict) else {})
+                await self._broadcast_message(None, CONTROL_TOPIC + "/response", json.dumps(answer).encode())
+            return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    def _kick_soon(self, username: str) -> None:
+        """Disconnect every connection of ``username`` (its credentials were revoked or changed)."""
+        loop = self._loop
+
+        async def kick() -> None:
+            for client_id, (session, handler) in list(self._sessions.items()):
+                if session.username == username and session.transitions.is_connected():
+                    log.info("disconnecting %s (%s): its credentials changed", client_id, username)
+                    writer = getattr(handler, "writer", None)
+                    if writer is not None:
+                        await writer.close()
+
+        asyncio.run_coroutine_threadsafe(kick(), loop) if loop.is_running() else None
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         # amqtt calls this on connect, right before the replay loop; _client_message_loop
@@ -88,10 +137,13 @@ class EmbeddedBroker:
     broker_class: type[Broker] = _Broker  # tests swap in amqtt's own to show what is fixed
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, security: DynamicSecurity | None = None) -> None:
+        """``users``: static username/password pairs with full access; ``security``: Mosquitto's
+        dynamic-security rules instead, managed over its control topic."""
         self.host = host
         self.port = port
         self.users = dict(users or {})
+        self.security = security
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Broker | None = None
@@ -132,11 +184,18 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            self._broker = self.broker_class(self._config(), loop=loop)
+            if self.security is not None and issubclass(self.broker_class, _Broker):
+                self._broker = self.broker_class(self._config(), loop=loop, security=self.security)
+            else:
+                self._broker = self.broker_class(self._config(), loop=loop)
             await self._broker.start()
             server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
             self.port = server.sockets[0].getsockname()[1]
 
+        # A failed start (a port taken) is reported once, by start(), not as amqtt's traceback too.
+        amqtt_log = logging.getLogger("amqtt.broker")
+        level = amqtt_log.level
+        amqtt_log.setLevel(logging.CRITICAL)
         try:
             loop.run_until_complete(boot())
         except BaseException as exc:  # reported to start() in the caller's thread
@@ -144,6 +203,8 @@ class EmbeddedBroker:
             self._ready.set()
             loop.close()
             return
+        finally:
+            amqtt_log.setLevel(level)
         self._ready.set()
         loop.run_forever()
         loop.close()

@@ -40,6 +40,7 @@ class EventKind(StrEnum):
     DEVICE_ONLINE = "device_online"
     DEVICE_OFFLINE = "device_offline"
     DEVICE_REQUESTED = "device_requested"
+    DEVICE_EVENTS_DROPPED = "device_events_dropped"
     # the edges
     BUNDLE_FETCH_STARTED = "bundle_fetch_started"
     BUNDLE_FETCHED = "bundle_fetched"
@@ -105,7 +106,7 @@ class EventRecord(BaseModel):
     @field_validator("data", mode="before")
     @classmethod
     def _data(cls, value: Any) -> dict[str, Any]:
-        return value if isinstance(value, dict) else {}
+        return codec.finite(value) if isinstance(value, dict) else {}  # a NaN loss is kept as null
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -123,11 +124,13 @@ class EventRecord(BaseModel):
 
 
 def publish_event(connection: Any, topics: Topics, record: EventRecord, *, qos: int = 1,
-                  component_topic: bool = False) -> None:
-    """Publish an event as JSON on its task's topic (when it has a task) and, with
-    ``component_topic``, on ``events/<component>`` too.  ``connection`` is an ``MqttConnection``."""
+                  component_topic: bool = False, as_device: bool = False) -> None:
+    """Publish an event as JSON on its task's topic (when it has a task) -- a device's own
+    (``as_device``) under ``tasks/<task>/events/<device>`` -- and, with ``component_topic``, on
+    ``events/<component>`` too.  ``connection`` is an ``MqttConnection``."""
     payload = codec.encode(record.to_wire(), codec.Codec.JSON)
     if record.task:
-        connection.publish(topics.task_events(record.task), payload, qos=qos)
+        topic = topics.device_events(record.task, str(record.device)) if as_device else topics.task_events(record.task)
+        connection.publish(topic, payload, qos=qos)
     if component_topic:
         connection.publish(topics.events(record.component), payload, qos=qos)

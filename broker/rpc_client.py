@@ -88,6 +88,19 @@ class RpcClient:
                 on_wait()
             waited = True
 
+    def all_items(self, service: str, method: str, args: dict[str, Any] | None = None, *,
+                  limit: int = 1000, timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+        """Every item of a list method, page after page (``{"items": [...], "next": cursor}``)."""
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = self.call(service, method, {**(args or {}), "limit": limit,
+                                               **({"cursor": cursor} if cursor else {})}, timeout=timeout)
+            items.extend(page["items"])
+            cursor = page.get("next")
+            if not cursor:
+                return items
+
     async def acall(self, service: str, method: str, args: dict[str, Any] | None = None, *,
                     timeout: float = DEFAULT_TIMEOUT_S) -> Any:
         pending = self.call_future(service, method, args, timeout=timeout)

@@ -18,10 +18,8 @@ import inspect
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,12 +35,14 @@ from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
 from fedmq.broker.envelope import EnvelopeError, ErrorCode, Reply, Request, RpcError
 from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
+from fedmq.broker.reply_cache import ReplyCache, Seen, digest_of
+from fedmq.broker.roles import Role
 from fedmq.broker.topics import TopicError, Topics, check_id
 
 log = logging.getLogger("fedmq.broker.rpc")
 
 DEFAULT_MAX_PAYLOAD = 256 * 1024
-_DEDUP_SIZE = 2048
+DEFAULT_MAX_REPLY = 512 * 1024  # half the shipped mosquitto.conf's max_packet_size
 
 # The one map from what the domain says went wrong to the code a caller sees.
 ERROR_CODES: dict[type[FedmqError], ErrorCode] = {
@@ -69,6 +69,7 @@ class CallContext:
     caller: str
     request_id: str
     codec: codec.Codec
+    role: Role | None = None  # None: roles are not checked (an open development broker)
 
 
 @dataclass(frozen=True)
@@ -174,21 +175,33 @@ class RpcServer:
 
     def __init__(self, connection: MqttConnection, topics: Topics | None = None, *,
                  max_payload: int = DEFAULT_MAX_PAYLOAD, workers: int = 8,
-                 shared_group: str | None = None) -> None:
+                 shared_group: str | None = None, roles: Callable[[str], Role] | None = None,
+                 max_reply: int = DEFAULT_MAX_REPLY) -> None:
+        """``roles`` tells the role of a caller (the caller level of the topic, which the broker
+        binds to the connection's credentials); without it no method's roles are checked, as for
+        a service on an open development broker.  ``max_reply`` stays below the broker's packet
+        limit: a bigger answer is never published (the broker would disconnect us for it, and
+        paho would resend it after every reconnect), the caller gets an error instead."""
         self.connection = connection
         self.topics = topics or Topics()
         self.max_payload = max_payload
         self.shared_group = check_id(shared_group, "shared group") if shared_group else None
         self.services: dict[str, ServedService] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
-        self._done: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
-        self._running: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "duplicates": 0}
+        self.replies = ReplyCache()
+        self.roles = roles
+        self.max_reply = max_reply
+        self.stats = {"requests": 0, "errors": 0, "dropped": 0, "duplicates": 0, "denied": 0, "oversized": 0}
 
     def add(self, instance: Any) -> Any:
-        """Serve an instance of a service class (a ``name`` and ``@rpc`` methods)."""
+        """Serve an instance of a service class (a ``name`` and ``@rpc`` methods).  A server that
+        checks roles refuses a service with a method that declares none."""
         served = ServedService(instance)
+        if self.roles is not None:
+            undeclared = [m for m, spec in served.methods.items()
+                          if spec.roles is None and m not in ("ping", "describe")]
+            if undeclared:
+                raise TypeError(f"{served.name}: methods {undeclared} declare no roles (@rpc(roles=...))")
         self.services[served.name] = served
         return instance
 
@@ -248,34 +261,37 @@ class RpcServer:
                 f"request of {len(message.payload)} bytes exceeds the limit of {self.max_payload}")),
                 request_codec, correlation)
             return
+        try:
+            codec.check_tree(request.args, "args")
+        except codec.CodecError as exc:
+            self._send(request.reply_to, Reply.failure(request.id, RpcError(ErrorCode.BAD_REQUEST, str(exc))),
+                       request_codec, correlation)
+            return
         if request.expired():
             self._drop(message.topic, f"request {request.id} from {rpc_topic.caller} expired before it was served")
             return
-        key = (rpc_topic.caller, request.id)
-        with self._lock:
-            if key in self._running:
-                self.stats["duplicates"] += 1
-                return
-            cached = self._done.get(key)
-            if cached is None:
-                self._running.add(key)
-        if cached is not None:  # a QoS 1 redelivery: answer again, do not run the handler twice
+        key = (rpc_topic.caller, rpc_topic.method, request.id)
+        seen, answer = self.replies.begin(key, digest_of(bytes(message.payload)))
+        if seen is not Seen.NEW:
             self.stats["duplicates"] += 1
-            self.connection.publish(cached[0], cached[1], qos=1, properties=self._reply_props(correlation))
+            if seen is Seen.ANSWERED and answer is not None:  # a QoS 1 redelivery: answer again
+                self.connection.publish(answer.reply_to, answer.payload, qos=1,
+                                        properties=self._reply_props(correlation))
+            elif seen is Seen.CONFLICT:
+                self._send(request.reply_to, Reply.failure(request.id, RpcError(
+                    ErrorCode.CONFLICT, f"request id {request.id!r} was already used by {rpc_topic.caller} "
+                    f"for a different {rpc_topic.method} request; use a new id per request")),
+                    request_codec, correlation)
             return
-        context = CallContext(rpc_topic.service, rpc_topic.method, rpc_topic.caller, request.id, request_codec)
+        role = self.roles(rpc_topic.caller) if self.roles is not None else None
+        context = CallContext(rpc_topic.service, rpc_topic.method, rpc_topic.caller, request.id, request_codec, role)
         self._pool.submit(self._serve, context, request, correlation)
 
     def _serve(self, context: CallContext, request: Request, correlation: bytes | None) -> None:
         self.stats["requests"] += 1
         reply = self._dispatch(context, request)
         payload = self._send(request.reply_to, reply, context.codec, correlation)
-        with self._lock:
-            self._running.discard((context.caller, request.id))
-            if payload is not None:
-                self._done[(context.caller, request.id)] = (request.reply_to, payload)
-                while len(self._done) > _DEDUP_SIZE:
-                    self._done.popitem(last=False)
+        self.replies.finish((context.caller, context.method, request.id), request.reply_to, payload)
 
     def _dispatch(self, context: CallContext, request: Request) -> Reply:
         service = self.services.get(context.service)
@@ -286,6 +302,11 @@ class RpcServer:
             return Reply.failure(request.id, RpcError(
                 ErrorCode.UNKNOWN_METHOD, f"{context.service} has no method {context.method!r}",
                 {"methods": sorted(service.methods)}))
+        if spec.roles is not None and self.roles is not None and context.role not in spec.roles:
+            self.stats["denied"] += 1
+            return Reply.failure(request.id, RpcError(ErrorCode.FORBIDDEN, (
+                f"{context.caller} (role {context.role}) may not call {context.service}.{context.method}; "
+                f"it needs the role {' or '.join(sorted(spec.roles))}")))
         try:
             args = spec.args_model.model_validate(request.args)
         except ValidationError as exc:
@@ -325,6 +346,14 @@ class RpcServer:
             log.error("reply %s could not be encoded: %s", reply.id, exc)
             payload = codec.encode(Reply.failure(reply.id, RpcError(
                 ErrorCode.INTERNAL, "the result could not be encoded")).to_wire(), reply_codec)
+        if len(payload) > self.max_reply:
+            self.stats["oversized"] += 1
+            log.error("reply %s of %d bytes exceeds the limit of %d bytes; answered with an error instead",
+                      reply.id, len(payload), self.max_reply)
+            payload = codec.encode(Reply.failure(reply.id, RpcError(
+                ErrorCode.INTERNAL, f"the answer of {len(payload)} bytes exceeds the reply limit of "
+                f"{self.max_reply} bytes; ask for less (a smaller limit, or page with the cursor)")).to_wire(),
+                reply_codec)
         self.connection.publish(topic, payload, qos=1, properties=self._reply_props(correlation))
         return payload
 

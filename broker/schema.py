@@ -114,7 +114,7 @@ class DeviceCommand(_Received):
 
 
 class TaskStats(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
     round: int | None = None
     accuracy: float | None = None
     loss: float | None = None
@@ -126,7 +126,7 @@ class DeviceInfo(BaseModel):
     """What a device reports (``devices.update_info``); strict types for the facts selection
     relies on, anything else in ``extra``."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     data_quantity: int | None = Field(default=None, ge=0)
     cpu_count: int | None = Field(default=None, ge=0)
     memory_mb: float | None = Field(default=None, ge=0)

@@ -97,7 +97,13 @@ class Topics:
         return self._join("tasks", check_id(task, "task"))
 
     def task_events(self, task: str) -> str:
+        """The cloud's events about a task."""
         return self._join("tasks", check_id(task, "task"), "events")
+
+    def device_events(self, task: str, device: str) -> str:
+        """A device's own steps on a task: under its name, which the broker binds to its
+        credentials, so no device can report in another's name."""
+        return self._join("tasks", check_id(task, "task"), "events", check_id(device, "device"))
 
     def bundle_manifest(self, digest: str) -> str:
         return self._join("bundles", check_digest(digest), "manifest")
@@ -110,6 +116,14 @@ class Topics:
     def events(self, component: str) -> str:
         return self._join("events", check_id(component, "component"))
 
+    def event_task(self, topic: str) -> str:
+        """The task of an event topic (``tasks/<task>/events`` or ``.../events/<device>``)."""
+        head = self.prefix + "/tasks/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        if len(parts) not in (2, 3) or parts[1] != "events":
+            raise TopicError(f"not an event topic: {topic!r}")
+        return check_id(parts[0], "task")
+
     # --- filters ---------------------------------------------------------------------------
     def all_device_states(self) -> str:
         return self._join("devices", "+", "state")
@@ -118,4 +132,8 @@ class Topics:
         return self._join("tasks", "+")
 
     def all_task_events(self) -> str:
-        return self._join("tasks", "+", "events")
+        """Every event about every task: the cloud's and the devices'."""
+        return self._join("tasks", "+", "events", "#")
+
+    def all_device_events(self) -> str:
+        return self._join("tasks", "+", "events", "+")

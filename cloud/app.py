@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmq.broker.connection import MqttConnection
+from fedmq.broker.dynsec import DynsecClient
+from fedmq.broker.roles import Role
 from fedmq.broker.rpc_server import RpcServer
 from fedmq.broker.topics import DEFAULT_PREFIX, Topics
+from fedmq.cloud.broker_accounts import DynsecAccounts
 from fedmq.cloud.bundle_service import BundleService
 from fedmq.cloud.bundle_store import BundleStore
 from fedmq.cloud.db import open_database
@@ -17,6 +20,8 @@ from fedmq.cloud.device_service import DeviceService
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.event_service import EventService
 from fedmq.cloud.events import EventLog
+from fedmq.cloud.identities import IdentityRegistry, OpenBroker
+from fedmq.cloud.identity_service import IdentityService
 from fedmq.cloud.inbound import Inbound
 from fedmq.cloud.mqtt_publisher import MqttPublisher
 from fedmq.cloud.run_history import RunHistory
@@ -29,7 +34,7 @@ from fedmq.ftdl.paths import absolute
 from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
-ALL_SERVICES = ("bundles", "devices", "tasks", "events")
+ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class CloudConfig:
     services: tuple[str, ...] = ALL_SERVICES
     flower_bind: str = "0.0.0.0"
     flower_advertise: str = "127.0.0.1"
+    dynsec: bool = False          # manage identities with the broker's dynamic-security plugin
+    allow_unsigned: bool = False  # development only: run server code from unsigned bundles
 
     def __post_init__(self) -> None:
         # Made absolute here, once: the task servers run with their bundle as working directory,
@@ -73,35 +80,47 @@ class CloudApp:
         self.publisher = MqttPublisher(self.connection, self.topics, self.store, config.chunk_size)
         self.events = EventLog(self.db, self.publisher)
         settings = TaskSettings(home=self.home, broker_url=config.broker, prefix=config.prefix,
-                                flower_bind=config.flower_bind, flower_advertise=config.flower_advertise)
+                                flower_bind=config.flower_bind, flower_advertise=config.flower_advertise,
+                                allow_unsigned_code=config.allow_unsigned)
+        own = self.connection.settings.username or config.client_id
+        self.accounts = DynsecAccounts(DynsecClient(self.connection), config.prefix) if config.dynsec else OpenBroker()
+        self.identities = IdentityRegistry(self.db, self.accounts, own={own: Role.SERVICE})
+        self.own_identity = own
         self.selection = Selection(self.db, self.events)
         self.servers = ServerSupervisor(settings)
         self.history = RunHistory(self.home)
         self.tasks = TaskLifecycle(self.db, settings, self.store, self.publisher, self.events, self.selection,
-                                   self.servers, self.history)
+                                   self.servers, self.history, self.identities)
         self.registry = DeviceRegistry(self.db, self.events)
         self.inbound = Inbound(self.registry, self.tasks, self.events)
-        self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group)
+        self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group,
+                                roles=self.identities.role_of)
         services = {"bundles": lambda: BundleService(self.store, self.publisher),
                     "devices": lambda: DeviceService(self.registry),
                     "tasks": lambda: TaskService(self.tasks, self.selection, self.history),
-                    "events": EventService}
+                    "events": EventService,
+                    "identities": lambda: IdentityService(self.identities)}
         for name in config.services:
             self.server.add(services[name]())
         self._stop = threading.Event()
         self._started_once = False
 
     def start(self, timeout: float = 10.0) -> CloudApp:
+        self.connection.add_connect_listener(self._on_connect)
+        self.connection.start(timeout=timeout)
+        if isinstance(self.accounts, DynsecAccounts):
+            # The cloud's own topics, as a role of its own on the broker (once: the broker then
+            # reconnects us, and the subscriptions below wait for that).
+            self.accounts.ensure_own(self.own_identity, Role.SERVICE)
         if "tasks" in self.config.services:
             failed = self.tasks.reconcile()
             if failed:
                 log.warning("tasks interrupted by the previous cloud's end, now failed: %s", failed)
-        self.connection.add_connect_listener(self._on_connect)
-        self.connection.start(timeout=timeout)
         if "devices" in self.config.services:
             self.connection.subscribe(self.topics.all_device_states(), self.inbound.on_presence)
         if "tasks" in self.config.services:
-            self.connection.subscribe(self.topics.all_task_events(), self.inbound.on_task_event, qos=0)
+            # QoS 1 on the persistent session: steps devices report while the cloud is away wait for it.
+            self.connection.subscribe(self.topics.all_device_events(), self.inbound.on_device_event, qos=1)
         self.server.start()
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self

@@ -42,7 +42,7 @@ class BundleStore:
         self.limits = limits
         for sub in ("archives", "manifests", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # --- lookups ---------------------------------------------------------------------------
     def archive_path(self, digest: str) -> Path:
@@ -70,6 +70,7 @@ class BundleStore:
         if self.trust is not None or self.require_signed:
             manifest.verify(self.trust, allow_unsigned=not self.require_signed)
         if self.has(manifest.digest):
+            self._keep_manifest(manifest)  # a signature for a stored unsigned bundle is kept
             return []
         folder = self.root / "uploads" / manifest.digest
         folder.mkdir(exist_ok=True)
@@ -117,18 +118,38 @@ class BundleStore:
             raise BundleError("digest_mismatch", "the assembled archive does not match its digest")
         inspect_archive(assembled, self.limits)
         self._check_task_manifest(assembled, manifest)
-        self._keep(manifest, assembled, move=True)
+        kept = self._keep(manifest, assembled, move=True)
         shutil.rmtree(folder, ignore_errors=True)
-        return manifest
+        return kept
 
-    def _keep(self, manifest: BundleManifest, archive: Path, *, move: bool) -> None:
+    def _keep(self, manifest: BundleManifest, archive: Path, *, move: bool) -> BundleManifest:
         """Put a verified archive and its manifest in the store (manifest last: ``has`` needs both)."""
         with self._lock:
-            if move:
-                os.replace(archive, self.archive_path(manifest.digest))
-            else:
-                shutil.copyfile(archive, self.archive_path(manifest.digest))
-            self._manifest_path(manifest.digest).write_text(json.dumps(manifest.to_wire()))
+            if not self.archive_path(manifest.digest).is_file():
+                if move:
+                    os.replace(archive, self.archive_path(manifest.digest))
+                else:
+                    shutil.copyfile(archive, self.archive_path(manifest.digest))
+            return self._keep_manifest(manifest)
+
+    def _keep_manifest(self, manifest: BundleManifest) -> BundleManifest:
+        """Signed stays signed: once a stored bundle's manifest is signed it is never replaced --
+        an unsigned manifest of the same content (a folder on the cloud host) reuses it, another
+        signature is refused.  An unsigned one may be replaced by a signed one.  Returns the
+        manifest the store holds."""
+        with self._lock:
+            path = self._manifest_path(manifest.digest)
+            current = BundleManifest.from_wire(json.loads(path.read_text()), self.limits) if path.is_file() else None
+            if current is not None and current.signature is not None:
+                if manifest.signature is None or (manifest.signer, manifest.signature) == (current.signer,
+                                                                                            current.signature):
+                    return current
+                raise BundleError("signed", f"bundle {manifest.digest[:12]} is stored signed by {current.signer}; "
+                                            "a signed manifest is never replaced")
+            if current is not None and manifest.signature is None:
+                return current
+            path.write_text(json.dumps(manifest.to_wire()))
+            return manifest
 
     @staticmethod
     def _check_task_manifest(archive: Path, manifest: BundleManifest) -> None:
@@ -142,10 +163,17 @@ class BundleStore:
         if inner != TaskManifest.from_dict(manifest.task):
             raise BundleError("bad_manifest", f"the archive's {MANIFEST_NAME} differs from the bundle manifest")
 
-    def adopt(self, manifest: BundleManifest, archive: Path) -> None:
-        """Keep a bundle built on the cloud host itself (``tasks.create`` with a folder)."""
+    def adopt(self, manifest: BundleManifest, archive: Path) -> BundleManifest:
+        """Keep a bundle built on the cloud host itself (``tasks.create`` with a folder): unsigned,
+        so refused by a cloud that requires signatures -- unless the same content is already
+        stored signed, whose manifest is then reused."""
         inspect_archive(archive, self.limits)
-        self._keep(manifest, archive, move=False)
+        if self.require_signed and manifest.signature is None:
+            stored = self.manifest(manifest.digest) if self.has(manifest.digest) else None
+            if stored is None or stored.signature is None:
+                raise BundleError("unsigned", "this cloud requires signed bundles and a folder on the cloud host is "
+                                              "not signed: push it with fedmq bundle push --key instead")
+        return self._keep(manifest, archive, move=False)
 
     def remove(self, digest: str) -> bool:
         with self._lock:

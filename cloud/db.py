@@ -33,6 +33,8 @@ from peewee import (
     TextField,
 )
 from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_schema
 
 log = logging.getLogger("fedmq.cloud.db")
 
@@ -89,6 +91,7 @@ class Task(BaseModel):
     last_error = TextField(null=True)
     metrics = JSONField(default=dict)
     server_pid = IntegerField(null=True)
+    server_started = TextField(null=True)  # the server process's identity, so a reused pid is never signalled
     run = IntegerField(default=0)
 
 
@@ -104,6 +107,16 @@ class TaskDevice(BaseModel):
         primary_key = CompositeKey("task", "device")
 
 
+class Principal(BaseModel):
+    """Who may connect and call, with which role (the broker holds the passwords)."""
+
+    name = CharField(primary_key=True, max_length=128)
+    role = CharField(max_length=16)
+    clientid = CharField(max_length=128, null=True)  # the one client id it may connect with
+    created = FloatField(default=time.time)
+    rotated = FloatField(null=True)
+
+
 class Event(BaseModel):
     id = AutoField()
     ts = FloatField(index=True)
@@ -115,7 +128,7 @@ class Event(BaseModel):
     data = JSONField(default=dict)
 
 
-MODELS = [SchemaVersion, Device, Task, TaskDevice, Event]
+MODELS = [SchemaVersion, Device, Task, TaskDevice, Principal, Event]
 
 
 def write_transaction(db: Database) -> Any:
@@ -131,7 +144,16 @@ def _v1(db: Database) -> None:
     db.create_tables([Device, Task, TaskDevice, Event])
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1]
+def _v2(db: Database) -> None:
+    """Identities and roles; the recorded identity of a task's server process."""
+    db.create_tables([Principal])
+    # _v1 builds tables from today's models, so a database created fresh already has the column.
+    if "server_started" not in {column.name for column in db.get_columns("task")}:
+        migrator = SchemaMigrator.from_database(db)
+        migrate_schema(migrator.add_column("task", "server_started", TextField(null=True)))
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

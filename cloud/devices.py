@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from peewee import Database
+from peewee import Database, ModelSelect
 
 from fedmq.broker.errors import Invalid
 from fedmq.broker.events import EventKind
@@ -61,11 +61,11 @@ class DeviceRegistry:
         return row
 
     @staticmethod
-    def query(online: bool | None, limit: int) -> list[Device]:
-        query = Device.select().order_by(Device.id).limit(limit)
+    def query(online: bool | None) -> ModelSelect[Device]:
+        query = Device.select().order_by(Device.id)
         if online is not None:
             query = query.where(Device.online == online)
-        return list(query)
+        return query
 
     def apply_presence(self, device_id: str, presence: Presence) -> bool:
         with self._lock, write_transaction(self.db):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from peewee import Database
+from peewee import Database, ModelSelect
 
 from fedmq.broker.events import EventKind, EventRecord
 from fedmq.cloud.db import Event
@@ -41,13 +41,24 @@ class EventLog:
         return record
 
     @staticmethod
-    def for_task(task: str, run: int | None = None, limit: int = 10000) -> list[EventRecord]:
+    def query(task: str, run: int | None = None, kinds: tuple[str, ...] | None = None) -> ModelSelect[Event]:
+        """A task's events (of one run, with the run-less ones) in time order."""
         query = Event.select().where(Event.task == task)
         if run is not None:
             query = query.where((Event.run == run) | (Event.run.is_null()))
-        return [EventRecord(ts=e.ts, component=e.component, kind=e.kind, task=e.task, device=e.device,
-                            run=e.run, data=e.data)
-                for e in query.order_by(Event.ts, Event.id).limit(limit)]
+        if kinds is not None:
+            query = query.where(Event.kind.in_([str(k) for k in kinds]))
+        return query.order_by(Event.ts, Event.id)
+
+    @staticmethod
+    def record_of(row: Event) -> EventRecord:
+        return EventRecord(ts=row.ts, component=row.component, kind=row.kind, task=row.task, device=row.device,
+                           run=row.run, data=row.data)
+
+    @classmethod
+    def for_task(cls, task: str, run: int | None = None, limit: int = 10000,
+                 kinds: tuple[str, ...] | None = None) -> list[EventRecord]:
+        return [cls.record_of(e) for e in cls.query(task, run, kinds).limit(limit)]
 
 
 def timeline(events: list[EventRecord]) -> list[dict[str, Any]]:

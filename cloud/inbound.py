@@ -5,11 +5,13 @@ check, and hand typed values to the domain."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import paho.mqtt.client as mqtt
 
 from fedmq.broker import codec
-from fedmq.broker.events import EventRecord
+from fedmq.broker.events import EventKind, EventRecord
 from fedmq.broker.presence import Presence
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.devices import DeviceRegistry
@@ -17,11 +19,17 @@ from fedmq.cloud.events import EventLog
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 
 log = logging.getLogger("fedmq.cloud.inbound")
+MAX_EVENT_BYTES = 16 * 1024
+EVENT_RATE, EVENT_BURST = 20.0, 200.0  # per device: a training device sends a few per round
+DROP_REPORT_S = 60.0
 
 
 class Inbound:
     def __init__(self, registry: DeviceRegistry, lifecycle: TaskLifecycle, events: EventLog) -> None:
         self.registry, self.lifecycle, self.events = registry, lifecycle, events
+        self._limiter = RateLimiter(EVENT_RATE, EVENT_BURST)
+        self._dropped: dict[str, int] = {}
+        self._reported: dict[str, float] = {}
 
     def on_presence(self, message: mqtt.MQTTMessage) -> None:
         parts = message.topic.split("/")
@@ -35,17 +43,65 @@ class Inbound:
             return
         self.registry.apply_presence(device_id, presence)
 
-    def on_task_event(self, message: mqtt.MQTTMessage) -> None:
-        """Steps reported by edges on ``tasks/<id>/events`` (JSON or msgpack).  Our own events come
-        back here too and are skipped (already recorded); one without a device is not an edge's."""
+    def on_device_event(self, message: mqtt.MQTTMessage) -> None:
+        """A device's step on ``tasks/<task>/events/<device>`` (JSON or msgpack).  The topic names
+        the device -- the broker lets only that device publish there -- and the payload may not
+        say otherwise.  Oversized events and a device's flood beyond its rate are dropped (and
+        counted in a ``device_events_dropped`` event, at most one a minute per device)."""
+        parts = message.topic.split("/")
+        try:
+            task_id, device = check_id(parts[-3], "task"), check_id(parts[-1], "device")
+        except (TopicError, IndexError):
+            return
+        if len(message.payload) > MAX_EVENT_BYTES:
+            self._drop(device, task_id, f"{len(message.payload)} bytes, over {MAX_EVENT_BYTES}")
+            return
+        if not self._limiter.allow(device):
+            self._drop(device, task_id, f"more than {EVENT_RATE:g} events/s")
+            return
         try:
             body, _ = codec.decode(message.payload)
-            task_id = check_id(message.topic.split("/")[-2], "task")
-        except (codec.CodecError, TopicError, IndexError):
+        except codec.CodecError:
+            self._drop(device, task_id, "not JSON or msgpack")
             return
-        event = EventRecord.from_wire(body, task_id)
-        if event is None or event.device is None or event.component == self.events.component:
+        if isinstance(body, dict) and body.get("device", device) != device:
+            self._drop(device, task_id, f"it names another device ({str(body.get('device'))[:64]!r})")
             return
-        self.events.record(event.kind, task=task_id, device=event.device, run=event.run, data=event.data,
-                           component=f"edge.{event.device}"[:128], ts=event.ts, publish=False)
-        self.lifecycle.on_device_step(task_id, event.device, event.kind)
+        event = EventRecord.from_wire({**body, "device": device} if isinstance(body, dict) else body, task_id)
+        if event is None:
+            self._drop(device, task_id, "not an event")
+            return
+        self.events.record(event.kind, task=task_id, device=device, run=event.run, data=event.data,
+                           component=f"edge.{device}"[:128], ts=event.ts, publish=False)
+        self.lifecycle.on_device_step(task_id, device, event.kind)
+
+    def _drop(self, device: str, task: str, why: str) -> None:
+        count = self._dropped.get(device, 0) + 1
+        self._dropped[device] = count
+        now = time.monotonic()
+        if now - self._reported.get(device, 0.0) >= DROP_REPORT_S:
+            self._reported[device] = now
+            self._dropped[device] = 0
+            log.warning("dropped %d event(s) from %s on task %s: %s", count, device, task, why)
+            self.events.record(EventKind.DEVICE_EVENTS_DROPPED, task=task, device=device,
+                               data={"dropped": count, "reason": why})
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return False
+            self._buckets[key] = (tokens - 1, now)
+            return True

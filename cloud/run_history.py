@@ -14,6 +14,7 @@ from fedmq.cloud.task_views import load_task
 from fedmq.ftdl.bundle import file_digest
 from fedmq.ftdl.reporter import MODEL_FILE
 
+LOG_REPLY_BYTES = 256 * 1024  # the rest of a big log stays on the cloud host
 _ENDS = {EventKind.TASK_FINISHED: TaskState.FINISHED, EventKind.TASK_FAILED: TaskState.FAILED,
          EventKind.TASK_STOPPED: TaskState.STOPPED}
 
@@ -65,11 +66,20 @@ class RunHistory:
     def run_dir(self, task_id: str, run: int | None) -> Path:
         return self.run_path(task_id, self.run_number(task_id, run))
 
-    def logs(self, task_id: str, run: int | None, lines: int) -> dict[str, Any]:
+    def logs(self, task_id: str, run: int | None, lines: int, max_bytes: int = LOG_REPLY_BYTES) -> dict[str, Any]:
+        """The last ``lines`` lines of the run's server log, as many as fit in ``max_bytes``."""
         folder = self.run_dir(task_id, run)
         path = folder / f"{task_id}.server.log"
         text = path.read_text(errors="replace").splitlines() if path.is_file() else []
-        return {"task": task_id, "run": int(folder.name), "lines": text[-lines:], "total_lines": len(text)}
+        tail, size = [], 0
+        for line in reversed(text[-lines:]):
+            size += len(line.encode()) + 1
+            if size > max_bytes:
+                break
+            tail.append(line)
+        tail.reverse()
+        return {"task": task_id, "run": int(folder.name), "lines": tail, "total_lines": len(text),
+                "truncated": len(tail) < min(lines, len(text))}
 
     def model_chunk(self, task_id: str, run: int | None, offset: int, size: int) -> dict[str, Any]:
         folder = self.run_dir(task_id, run)

@@ -78,8 +78,11 @@ class Selection:
                 log.exception("evaluating task %s for %s failed", task.id, device_id)
                 continue
             offers.append(task.offer)
-        # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         known = {row.task: row.state for row in TaskDevice.select().where(TaskDevice.device == device_id)}
+        # A device that finished this run of a task is not offered it again (its client ends a
+        # moment before the server does; rows are cleared when a new run starts).
+        offers = [o for o in offers if known.get(o.id) != DeviceTaskState.DONE]
+        # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         fresh = [o for o in offers if known.get(o.id) not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED)]
         if fresh:
             with write_transaction(self.db):

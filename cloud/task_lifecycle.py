@@ -33,15 +33,22 @@ from fedmq.cloud.criteria import CriteriaError, parse_criteria
 from fedmq.cloud.db import Task, write_transaction
 from fedmq.cloud.errors import InvalidTask, TaskConflict, TaskNotFound
 from fedmq.cloud.events import EventLog
+from fedmq.cloud.identities import IdentityRegistry
 from fedmq.cloud.ports import Publisher
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
 from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
 from fedmq.cloud.task_views import TaskView, flower_address, load_task, task_view
 from fedmq.ftdl import TaskEvent
-from fedmq.ftdl.bundle import BundleError, build_bundle, safe_unpack
+from fedmq.ftdl.bundle import BundleError, BundleRefused, build_bundle, safe_unpack
 from fedmq.ftdl.channel import ReporterKind
 from fedmq.ftdl.manifest import ManifestError
+from fedmq.ftdl.process import ProcessIdentity
+
+
+class CodeRefused(BundleRefused):
+    """A task whose server code this cloud will not run (unsigned, or an untrusted signer)."""
+
 
 _END_EVENTS = {TaskState.FINISHED: EventKind.TASK_FINISHED, TaskState.FAILED: EventKind.TASK_FAILED,
                TaskState.STOPPED: EventKind.TASK_STOPPED}
@@ -58,9 +65,11 @@ _SERVER_EVENTS = {ReporterKind.ERROR: EventKind.SERVER_ERROR, ReporterKind.INFO:
 
 class TaskLifecycle:
     def __init__(self, db: Database, settings: TaskSettings, store: BundleStore, publisher: Publisher,
-                 events: EventLog, selection: Selection, servers: ServerSupervisor, history: RunHistory) -> None:
+                 events: EventLog, selection: Selection, servers: ServerSupervisor, history: RunHistory,
+                 identities: IdentityRegistry) -> None:
         self.db, self.settings, self.store, self.publisher = db, settings, store, publisher
         self.events, self.selection, self.servers, self.history = events, selection, servers, history
+        self.identities = identities
         self._lock = threading.RLock()
 
     # --- reading -----------------------------------------------------------------------------
@@ -131,8 +140,7 @@ class TaskLifecycle:
                 manifest = build_bundle(path, archive)
             except (BundleError, ManifestError) as exc:
                 raise InvalidTask(str(exc)) from None
-            self.store.adopt(manifest, archive)
-        return manifest.digest
+            return self.store.adopt(manifest, archive).digest
 
     def update(self, task_id: str, changes: dict[str, Any]) -> Task:
         if not changes:
@@ -179,20 +187,25 @@ class TaskLifecycle:
                 raise TaskConflict(f"task {task_id} is already running")
             if not self.store.has(task.bundle):
                 raise TaskNotFound(f"bundle {task.bundle} is not in the store")
+            self._check_code(task.bundle)
             port = self.servers.pick_port(None if task.auto_port else task.flower_port)
             if port is None:
                 raise TaskConflict(f"Flower port {task.flower_port} is already in use on the cloud host")
             folder = self._unpacked(task.bundle)
             run = task.run + 1
+            credentials = self.identities.for_task(task_id)
             try:
-                pid = self.servers.start(task_id, run, folder, self.history.run_path(task_id, run), task.args or {},
-                                         port, self.on_server_event)
+                server = self.servers.start(task_id, run, folder, self.history.run_path(task_id, run),
+                                            task.args or {}, port, self.on_server_event, credentials)
             except (ManifestError, OSError) as exc:  # a manifest without a server, say
+                self.identities.end_task(task_id)
                 raise InvalidTask(f"cannot start the task's server: {exc}") from None
             task.state, task.run, task.flower_port = TaskState.RUNNING, run, port
             task.started_at, task.finished_at, task.last_error = time.time(), None, None
             task.current_round, task.total_rounds, task.metrics = 0, None, {}
-            task.server_pid = pid
+            self.selection.forget(task_id)  # a new run: every device may be offered it again
+            task.server_pid = server.pid if server else None
+            task.server_started = server.to_text() if server else None
             task.updated = time.time()
             task.save()
             self.selection.invalidate()
@@ -201,6 +214,19 @@ class TaskLifecycle:
                            data={"flower": flower_address(task), "revision": task.revision,
                                  "bundle": task.bundle, "args": task.args, "criteria": task.criteria})
         return task
+
+    def _check_code(self, digest: str) -> None:
+        """The server entry point and the triggers run on the cloud host: only from a bundle
+        signed by a key this cloud trusts, unless development mode says otherwise."""
+        if self.settings.allow_unsigned_code:
+            return
+        try:
+            self.store.manifest(digest).verify(self.store.trust)
+        except BundleError as exc:
+            raise CodeRefused(exc.code, f"{exc.message}: the task's server would run code from bundle "
+                                        f"{digest[:12]} on the cloud host, which runs only bundles signed by a "
+                                        "key it trusts (fedmq cloud --trusted-key KEY.pub; --allow-unsigned "
+                                        "for development)") from None
 
     def _unpacked(self, digest: str) -> Path:
         """The stored bundle, unpacked once under ``<home>/tasks/<digest>`` (shared by every task
@@ -228,11 +254,12 @@ class TaskLifecycle:
             if task.state != TaskState.RUNNING or task.run != run:
                 return task
             task.state, task.finished_at, task.updated = state, time.time(), time.time()
-            task.server_pid = None
+            task.server_pid = task.server_started = None
             if state == TaskState.FAILED:
                 task.last_error = reason
             task.save()
             self.selection.invalidate()
+        self.identities.end_task(task_id)  # the run's credentials end with it
         self.announce(task)
         self.events.record(_END_EVENTS[state], task=task_id, run=run, data={"reason": reason, "metrics": task.metrics})
         if state != TaskState.FINISHED:  # after a normal finish the clients end with their Flower server
@@ -282,12 +309,14 @@ class TaskLifecycle:
         """After a restart: tasks left 'running' by a dead cloud are marked failed."""
         failed = []
         for task in Task.select().where(Task.state == TaskState.RUNNING):
-            if task.server_pid:
-                self.servers.kill_orphan(task.server_pid)
+            recorded = ProcessIdentity.from_text(task.server_started)
+            if recorded is not None:
+                self.servers.kill_orphan(recorded)  # only if that pid is still that process
             task.state, task.last_error = TaskState.FAILED, "interrupted: the cloud stopped while the task was running"
             task.finished_at = task.updated = time.time()
-            task.server_pid = None
+            task.server_pid = task.server_started = None
             task.save()
+            self.identities.end_task(task.id)
             self.selection.invalidate()
             self.events.record(EventKind.TASK_FAILED, task=task.id, run=task.run, data={"reason": task.last_error})
             self._stop_devices(task, task.last_error)

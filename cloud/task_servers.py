@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.broker.net import free_port
+from fedmq.broker.urls import with_credentials
+from fedmq.cloud.identities import Credentials
 from fedmq.ftdl import TaskEvent, start_task
 from fedmq.ftdl.paths import require_absolute
-from fedmq.ftdl.process import TaskProcess
+from fedmq.ftdl.process import ProcessIdentity, TaskProcess, process_identity
 from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR
 
 STOP_GRACE_S = 5.0
@@ -29,6 +31,7 @@ class TaskSettings:
     flower_bind: str = "0.0.0.0"
     flower_advertise: str = "127.0.0.1"
     server_time_limit_s: float | None = None
+    allow_unsigned_code: bool = False  # development only: run server code from unsigned bundles
 
     def __post_init__(self) -> None:
         require_absolute(self.home, "the cloud home")
@@ -63,19 +66,21 @@ class ServerSupervisor:
         return port if port_free(self.settings.flower_bind, port) else None
 
     def start(self, task_id: str, run: int, folder: Path, run_dir: Path, args: dict[str, Any], port: int,
-              on_event: Callable[[str, int, TaskEvent], None]) -> int | None:
-        """Start the task's server entry point; returns its pid.  Raises ``ManifestError`` (no
-        server entry point) or ``OSError`` (it could not be started)."""
+              on_event: Callable[[str, int, TaskEvent], None], credentials: Credentials) -> ProcessIdentity | None:
+        """Start the task's server entry point; returns who it is (pid and start time).  Its code,
+        and its triggers, get the task's own credentials, never the cloud's.  Raises
+        ``ManifestError`` (no server entry point) or ``OSError`` (it could not be started)."""
         process = start_task(
             folder, "server", task_id=task_id, log_dir=run_dir, args=args,
             on_event=lambda event: on_event(task_id, run, event),
-            rpc={"broker": self.settings.broker_url, "prefix": self.settings.prefix,
-                 "caller": f"task.{task_id}"[:128]},
+            rpc={"broker": with_credentials(self.settings.broker_url, credentials.name, credentials.password),
+                 "prefix": self.settings.prefix, "caller": credentials.name,
+                 "client_id": credentials.clientid or ""},
             env={ENV_FLOWER_ADDRESS: f"{self.settings.flower_bind}:{port}", ENV_OUTPUT_DIR: str(run_dir)},
             time_limit_s=self.settings.server_time_limit_s)
         with self._lock:
             self._running[task_id] = _Running(process, run)
-        return process.process.pid if process.process else None
+        return process_identity(process.process.pid) if process.process else None
 
     def stop(self, task_id: str, grace_s: float = STOP_GRACE_S) -> int | None:
         """Stop the task's server and wait for it; returns the run it served (None if none ran)."""
@@ -107,9 +112,14 @@ class ServerSupervisor:
             return list(self._running)
 
     @staticmethod
-    def kill_orphan(pid: int) -> None:
-        """The server of a cloud that died (its process group, by the recorded pid)."""
+    def kill_orphan(recorded: ProcessIdentity) -> bool:
+        """The server of a cloud that died, killed with its process group -- only if the process
+        with the recorded pid is still the one recorded (same start time): a pid the system has
+        given to another process since is never signalled.  True if it was killed."""
+        if process_identity(recorded.pid) != recorded:
+            return False
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(recorded.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            return False
+        return True

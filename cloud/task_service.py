@@ -8,9 +8,11 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from fedmq.broker import codec
+from fedmq.broker.roles import DEVICES, OPERATOR, READERS, STEERING
 from fedmq.broker.rpc_server import CallContext, rpc
 from fedmq.broker.schema import Requirements, TaskState
 from fedmq.cloud.errors import InvalidTask
+from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
 from fedmq.cloud.task_lifecycle import TaskLifecycle
@@ -24,6 +26,7 @@ Port = Annotated[int, Field(ge=1024, le=65535)]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 CriteriaText = Annotated[str, Field(max_length=4000)]
 RunNumber = Annotated[int, Field(ge=1)]
+Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT)]
 
 
 def _check_args(args: dict[str, Any] | None) -> None:
@@ -37,7 +40,7 @@ class TaskService:
     def __init__(self, lifecycle: TaskLifecycle, selection: Selection, history: RunHistory) -> None:
         self.lifecycle, self.selection, self.history = lifecycle, selection, history
 
-    @rpc
+    @rpc(roles=OPERATOR)
     def create(self, name: Name, bundle: str | None = None, folder: str | None = None, task: str | None = None,
                flower_host: str | None = None, flower_port: Port | None = None,
                args: dict[str, Any] | None = None, criteria: CriteriaText = "",
@@ -52,21 +55,24 @@ class TaskService:
             tags=tags, priority=priority)
         return task_view(created).to_wire()
 
-    @rpc
+    @rpc(roles=READERS)
     def get(self, task: str) -> dict[str, Any]:
         """One task."""
         return task_view(self.lifecycle.get(task)).to_wire()
 
-    @rpc(name="list")
-    def list_(self, state: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
-        """Tasks, optionally filtered by state and tag, by priority then age."""
+    @rpc(name="list", roles=READERS)
+    def list_(self, state: str | None = None, tag: str | None = None, limit: Limit = DEFAULT_LIMIT,
+              cursor: str | None = None) -> Page:
+        """Tasks, optionally filtered by state and tag, by priority then age: a page of them."""
         if state is not None and state not in TaskState.__members__.values():
             raise InvalidTask(f"state must be one of {', '.join(TaskState)}")
         running = self.selection.running_counts()
         chosen = TaskState(state) if state is not None else None
-        return [{**task_view(t).to_wire(), "devices": running.get(t.id, 0)} for t in self.lifecycle.query(chosen, tag)]
+        rows = page(self.lifecycle.query(chosen, tag), limit, cursor)
+        rows["items"] = [{**task_view(t).to_wire(), "devices": running.get(t.id, 0)} for t in rows["items"]]
+        return rows
 
-    @rpc
+    @rpc(roles=STEERING)
     def update(self, task: str, criteria: CriteriaText | None = None, args: dict[str, Any] | None = None,
                priority: Priority | None = None, bundle: str | None = None, tags: Tags | None = None,
                requirements: Requirements | None = None) -> dict[str, Any]:
@@ -78,44 +84,46 @@ class TaskService:
             changes["requirements"] = requirements.model_dump(exclude_none=True)
         return task_view(self.lifecycle.update(task, changes)).to_wire()
 
-    @rpc
+    @rpc(roles=STEERING)
     def start(self, task: str) -> dict[str, Any]:
         """Start the task's Flower server; devices are offered it from now on."""
         return task_view(self.lifecycle.start(task)).to_wire()
 
-    @rpc
+    @rpc(roles=STEERING)
     def stop(self, task: str) -> dict[str, Any]:
         """Stop the server; devices running the task get a stop command."""
         return task_view(self.lifecycle.stop(task)).to_wire()
 
-    @rpc
+    @rpc(roles=OPERATOR)
     def delete(self, task: str) -> dict[str, Any]:
         """Delete the task (stopping it first); clears its announcement and unused bundle."""
         self.lifecycle.delete(task)
         return {"task": task, "deleted": True}
 
-    @rpc
+    @rpc(roles=DEVICES)
     def request(self, ctx: CallContext) -> list[dict[str, Any]]:
         """A device asks which tasks it may run: eligible running tasks, by priority then age."""
         return [offer.model_dump(mode="json") for offer in self.selection.request(ctx.caller)]
 
-    @rpc
-    def runs(self, task: str) -> list[dict[str, Any]]:
-        """Every run of the task: parameters, bundle, start, end, final metrics."""
-        return self.history.runs(task)
+    @rpc(roles=READERS)
+    def runs(self, task: str, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+        """The task's runs: parameters, bundle, start, end, final metrics (a page of them)."""
+        return page(self.history.runs(task), limit, cursor)
 
-    @rpc
-    def metrics(self, task: str, run: RunNumber | None = None) -> dict[str, Any]:
-        """Per-round metrics of a run (default: the latest)."""
-        return self.history.metrics(task, run)
+    @rpc(roles=READERS)
+    def metrics(self, task: str, run: RunNumber | None = None, limit: Limit = DEFAULT_LIMIT,
+                cursor: str | None = None) -> dict[str, Any]:
+        """Per-round metrics of a run (default: the latest), a page of rounds."""
+        result = self.history.metrics(task, run)
+        return {"task": result["task"], "run": result["run"], **page(result["rounds"], limit, cursor)}
 
-    @rpc
+    @rpc(roles=READERS)
     def logs(self, task: str, run: RunNumber | None = None,
              lines: Annotated[int, Field(ge=1, le=5000)] = 200) -> dict[str, Any]:
         """The last lines of the run's server log."""
         return self.history.logs(task, run, lines)
 
-    @rpc
+    @rpc(roles=READERS)
     def model(self, task: str, run: RunNumber | None = None, offset: Annotated[int, Field(ge=0)] = 0,
               size: Annotated[int, Field(ge=1, le=128 * 1024)] = 128 * 1024) -> dict[str, Any]:
         """A piece of the run's final global model (model.npz); offset 0 also gives its sha256."""

@@ -40,7 +40,8 @@ def load_task(task_id: str) -> Task:
 
 
 def flower_address(task: Task) -> str | None:
-    return f"{task.flower_host}:{task.flower_port}" if task.flower_port else None
+    """Where the task's Flower server listens -- while it runs (the port is free again after)."""
+    return f"{task.flower_host}:{task.flower_port}" if task.flower_port and task.state == "running" else None
 
 
 def task_view(task: Task) -> TaskView:

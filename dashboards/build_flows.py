@@ -5,7 +5,7 @@ The flows are written here as data so they can be reviewed and diffed like code;
 
 Everything talks to fedmq as any MQTT client would: JSON RPC requests on
 ``fedmq/v1/rpc/<service>/<method>/dashboard`` with replies on ``fedmq/v1/reply/dashboard/<inbox>``,
-and the JSON events on ``fedmq/v1/tasks/+/events``.  The broker comes from the environment
+and the JSON events on ``fedmq/v1/tasks/+/events/#``.  The broker comes from the environment
 (``FEDMQ_MQTT_HOST``, ``FEDMQ_MQTT_PORT``), set by ``fedmq dashboards``.
 """
 
@@ -96,13 +96,13 @@ group("g-run-log", "run", "Event log", 12, 4)
 
 # --- Fleet page ---------------------------------------------------------------------------------------
 every("fleet-tick", 2, "fleet-req")
-rpc_request("fleet-req", "devices", "list", "devices", "{}", "rpc-out")
+rpc_request("fleet-req", "devices", "list", "devices", "{limit: 1000}", "rpc-out")
 mqtt_out("rpc-out")
 mqtt_in("fleet-in", f"{PREFIX}/reply/{CALLER}/devices", ["fleet-rows"])
 node(id="fleet-rows", type="function", name="device rows", outputs=1, wires=[["fleet-table"]], func="""
 if (!msg.payload || !msg.payload.ok) return null;
 const ago = (ts) => ts ? Math.max(0, Math.round(Date.now() / 1000 - ts)) + ' s ago' : '-';
-msg.payload = msg.payload.result.map(d => {
+msg.payload = msg.payload.result.items.map(d => {
   const info = d.info || {};
   return {device: d.id, online: d.online ? 'online' : 'offline', 'last seen': ago(d.last_seen),
           disconnections: d.disconnections, cpus: info.cpu_count ?? '-',
@@ -118,12 +118,12 @@ node(id="fleet-table", type="ui-table", group="g-fleet", name="devices", label="
 
 # --- Tasks page ---------------------------------------------------------------------------------------
 every("tasks-tick", 2, "tasks-req")
-rpc_request("tasks-req", "tasks", "list", "tasks", "{}", "rpc-out")
+rpc_request("tasks-req", "tasks", "list", "tasks", "{limit: 1000}", "rpc-out")
 mqtt_in("tasks-in", f"{PREFIX}/reply/{CALLER}/tasks", ["tasks-rows"])
 node(id="tasks-rows", type="function", name="task rows", outputs=2, wires=[["tasks-table"], ["run-options"]], func="""
 if (!msg.payload || !msg.payload.ok) return null;
 const now = Date.now() / 1000;
-const rows = msg.payload.result.map(t => {
+const rows = msg.payload.result.items.map(t => {
   let eta = '-';
   if (t.state === 'running' && t.round > 0 && t.total_rounds && t.started_at) {
     eta = Math.max(0, Math.round((now - t.started_at) / t.round * (t.total_rounds - t.round))) + ' s';
@@ -131,9 +131,10 @@ const rows = msg.payload.result.map(t => {
   return {id: t.id, name: t.name, state: t.state, revision: t.revision, devices: t.devices ?? 0,
           rounds: t.total_rounds ? `${t.round}/${t.total_rounds}` : String(t.round || 0), eta, priority: t.priority};
 });
-const started = msg.payload.result.filter(t => t.started_at).sort((a, b) => b.started_at - a.started_at);
+const started = msg.payload.result.items.filter(t => t.started_at).sort((a, b) => b.started_at - a.started_at);
 flow.set('latestTask', started.length ? started[0].id : null);
-return [{payload: rows}, {options: msg.payload.result.map(t => ({label: `${t.id} (${t.state})`, value: t.id}))}];""")
+const options = msg.payload.result.items.map(t => ({label: `${t.id} (${t.state})`, value: t.id}));
+return [{payload: rows}, {options}];""")
 node(id="tasks-table", type="ui-table", group="g-tasks", name="tasks", label="", order=1, width=0, height=0,
      maxrows=0, passthru=False, autocols=True, showSearch=False, deselect=False, selectionType="click", columns=[],
      mobileBreakpoint="sm", mobileBreakpointType="defaults", action="replace", className="fedmq-tasks",
@@ -183,12 +184,12 @@ node(id="run-pick", type="change", name="remember task", rules=[
 every("run-tick", 3, "metrics-req")
 rpc_request("metrics-req", "tasks", "metrics", "metrics",
             "(flow.get('runTask') || flow.get('latestTask')) ? "
-            "{task: flow.get('runTask') || flow.get('latestTask')} : null",
+            "{task: flow.get('runTask') || flow.get('latestTask'), limit: 1000} : null",
             "rpc-out")
 mqtt_in("metrics-in", f"{PREFIX}/reply/{CALLER}/metrics", ["metrics-split"])
 node(id="metrics-split", type="function", name="series", outputs=2, wires=[["chart-loss"], ["chart-acc"]], func="""
 if (!msg.payload || !msg.payload.ok) return null;
-const rows = msg.payload.result.rounds || [];
+const rows = msg.payload.result.items || [];
 const pick = (keys) => rows.flatMap(r => keys.filter(k => typeof r[k] === 'number')
                                            .map(k => ({round: r.round, value: r[k], series: k})));
 return [{payload: pick(['loss', 'central_loss', 'train_loss'])},
@@ -203,7 +204,7 @@ for chart_id, group_id, label in (("chart-loss", "g-run-loss", "loss"), ("chart-
          interpolation="linear", colors=["#0095FF", "#FF7F0E", "#2CA02C", "#D62728", "#A347E1", "#D62728",
                                          "#FF9896", "#9467BD", "#C5B0D5"],
          textColor=["#666666"], textColorDefault=True, gridColor=["#e5e5e5"], gridColorDefault=True, wires=[[]])
-mqtt_in("events-in", f"{PREFIX}/tasks/+/events", ["events-log"])
+mqtt_in("events-in", f"{PREFIX}/tasks/+/events/#", ["events-log"])
 node(id="events-log", type="function", name="event log", outputs=1, wires=[["events-table"]], func="""
 const task = flow.get('runTask') || flow.get('latestTask');
 const e = msg.payload;

@@ -96,6 +96,7 @@ class EdgeAgent:
         self._retry_at = 0.0
         self._failures = 0
         self._random = random.Random()
+        self._finished_runs: dict[tuple[str, int], None] = {}  # runs this device's client completed
         self._reported_at = 0.0
         self.cycles = 0
 
@@ -183,6 +184,7 @@ class EdgeAgent:
             return
         with self._lock:
             running = {self.current.task} if self.current else set()
+        offers = [o for o in offers if (o.id, o.run) not in self._finished_runs]  # done here already
         revisions = {o.id: o.revision for o in offers}
         for offer in self.policy(offers, running, self.state.blocked(revisions)):
             self._start(offer)
@@ -210,7 +212,7 @@ class EdgeAgent:
                 on_event=lambda event: self._client_event(task, revision, run, event),
                 args=offer.args, data_dir=self.config.data_dir,
                 env={ENV_FLOWER_ADDRESS: offer.flower or ""},
-                rpc={"broker": self.config.broker, "prefix": self.config.prefix, "caller": self.device},
+                # No broker credentials for task code: the device's own stay with the agent.
                 time_limit_s=self.config.client_time_limit_s)
         except (ManifestError, OSError) as exc:
             self._failed(task, revision, f"cannot start the client: {exc}")
@@ -255,6 +257,9 @@ class EdgeAgent:
                     self.current = None
             stopped = bool(current and current.stopping) or data.get("stopped")
             if data.get("ok"):
+                self._finished_runs[(task, run)] = None
+                while len(self._finished_runs) > 256:
+                    self._finished_runs.pop(next(iter(self._finished_runs)))
                 self.publish_event(task, EventKind.CLIENT_FINISHED, {"duration_s": data.get("duration_s")}, run)
             elif stopped:
                 self.publish_event(task, EventKind.CLIENT_STOPPED, {"cause": data.get("cause")}, run)
@@ -267,7 +272,8 @@ class EdgeAgent:
 
     def publish_event(self, task: str, kind: str, data: dict[str, Any], run: int | None = None) -> None:
         publish_event(self.connection, self.topics, EventRecord(
-            component=f"edge.{self.device}", kind=kind, task=task, device=self.device, run=run, data=data))
+            component=f"edge.{self.device}", kind=kind, task=task, device=self.device, run=run, data=data),
+            as_device=True)
 
     # --- what the broker tells us -----------------------------------------------------------
     def _on_announcement(self, message: mqtt.MQTTMessage) -> None:

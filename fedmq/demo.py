@@ -30,7 +30,7 @@ from fedmq.broker.embedded import EmbeddedBroker
 from fedmq.broker.events import EventRecord
 from fedmq.broker.net import free_port
 from fedmq.broker.rpc_client import RpcClient
-from fedmq.broker.topics import Topics
+from fedmq.broker.topics import TopicError, Topics
 from fedmq.cloud.bundle_client import push_folder
 from fedmq.cloud.events import timeline
 from fedmq.cloud.task_client import wait_for_task
@@ -160,6 +160,10 @@ class DemoCluster:
         assert self.operator is not None
         return self.operator.call(service, method, args or {}, timeout=timeout)
 
+    def items(self, service: str, method: str, args: dict[str, Any] | None = None) -> list[Any]:
+        assert self.operator is not None
+        return self.operator.all_items(service, method, args, timeout=30.0)
+
     def _ping(self, service: str) -> bool:
         try:
             self.call(service, "ping", timeout=2)
@@ -184,7 +188,7 @@ class DemoCluster:
         return push_folder(self.operator, self.examples / name, key=self.key).manifest.digest
 
     def devices_online(self) -> bool:
-        rows = self.call("devices", "list", {"online": True})
+        rows = self.items("devices", "list", {"online": True})
         return {r["id"] for r in rows} >= set(self.devices)
 
     def exited(self) -> str | None:
@@ -249,7 +253,10 @@ class FleetView:
             body, _ = codec.decode(message.payload)
         except codec.CodecError:
             return
-        task = message.topic.split("/")[-2]
+        try:
+            task = Topics().event_task(message.topic)
+        except TopicError:
+            return
         event = EventRecord.from_wire(body, task)
         if event is None or event.device not in self.phases:
             return
@@ -280,7 +287,7 @@ class FleetView:
             return f"training {task} round {data.get('round')}/{total or '?'}"
         if event.kind == "client_error":
             until = data.get("quarantined_until")
-            when = time.strftime("%H:%M:%S", time.localtime(until)) if isinstance(until, (int, float)) else "?"
+            when = time.strftime("%H:%M:%S %Z", time.localtime(until)) if isinstance(until, (int, float)) else "?"
             return f"failed {task}: {data.get('cause')} (quarantined until {when})"
         if event.kind == "client_finished":
             return f"finished {task}"
@@ -333,20 +340,20 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, view: FleetVi
         cluster.call("tasks", "stop", {"task": "E"})
 
     def clients_done() -> list[dict[str, Any]] | None:
-        found = cluster.call("events", "list", {"task": "C"})["events"]
+        found = cluster.items("events", "list", {"task": "C"})
         ended = {e["device"] for e in found if e["kind"] in ("client_finished", "client_stopped", "client_error")}
         return found if ended >= set(cluster.devices) else None
 
     try:  # the clients end a moment after their server: let the timeline include them
         events = cluster.wait_for(clients_done, 30, "the clients to end")
     except DemoError:
-        events = cluster.call("events", "list", {"task": "C"})["events"]
+        events = cluster.items("events", "list", {"task": "C"})
     for task in tasks:
         if task != "C":
-            events += cluster.call("events", "list", {"task": task})["events"]
+            events += cluster.items("events", "list", {"task": task})
     events.sort(key=lambda e: e["ts"])
     try:
-        result_metrics = cluster.call("tasks", "metrics", {"task": "C"})["rounds"]
+        result_metrics = cluster.items("tasks", "metrics", {"task": "C"})
     except Exception:
         result_metrics = []
     result: dict[str, Any] = {
@@ -464,7 +471,8 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
     console.print(f"task C {state}; final accuracy on the held-out digits: "
                   f"[bold]{result['accuracy']:.3f}[/bold]" if result["accuracy"] is not None else f"task C {state}")
     if scenario == "failover":
-        console.print(f"failover (error on E -> C training), per device: {result['failover_s']}")
+        per_device = ", ".join(f"{d} {s:.3f} s" for d, s in result["failover_s"].items())
+        console.print(f"failover (error on E -> C's client started), per device: {per_device}")
     console.print(f"events: {workdir / 'events.json'}   summary: {workdir / 'result.json'}   "
                   f"plot: {workdir / 'metrics.png'}   ({result['seconds']:.0f} s)")
     return summary

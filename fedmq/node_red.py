@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fedmq.broker.connection import BrokerSettings
+from fedmq.broker.urls import without_credentials
 
 DASHBOARDS = Path(str(resources.files("fedmq.dashboards")))  # package data: flows and npm manifest
 
@@ -57,9 +59,15 @@ def node_red_command(broker_url: str, port: int, user_dir: Path,
 
 
 def run_node_red(broker_url: str, port: int, user_dir: Path, console: Any) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # Node-RED itself exits 0 on a taken port
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise DashboardError(f"port {port} is not free for Node-RED ({exc.strerror}): "
+                                 "choose another with --port") from None
     command, env = node_red_command(broker_url, port, user_dir)
     console.print(f"Node-RED on http://127.0.0.1:{port}/ — dashboards at http://127.0.0.1:{port}/dashboard "
-                  f"(broker {broker_url}); Ctrl-C stops it")
+                  f"(broker {without_credentials(broker_url)}); Ctrl-C stops it")
     proc = subprocess.Popen(command, env=env)
 
     def on_term(*_: Any) -> None:
@@ -76,3 +84,5 @@ def run_node_red(broker_url: str, port: int, user_dir: Path, console: Any) -> No
             proc.kill()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if proc.returncode not in (0, None, -signal.SIGTERM):
+        raise DashboardError(f"Node-RED exited with {proc.returncode}")

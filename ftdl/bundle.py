@@ -26,7 +26,7 @@ from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from fedmq.broker.errors import FedmqError, Forbidden, Invalid, NotFound
+from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
 from fedmq.broker.schema import problems
 from fedmq.ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
 from fedmq.ftdl.signing import SigningError, SigningKey, TrustStore
@@ -67,6 +67,10 @@ class BundleRefused(Forbidden, BundleError):
     """Unsigned where a signature is required, or signed by a key nobody trusts here."""
 
 
+class BundleConflict(Conflict, BundleError):
+    """A stored bundle's signed manifest would be replaced."""
+
+
 class BundleInvalid(Invalid, BundleError):
     """Malformed, tampered, unsafe or inconsistent."""
 
@@ -74,6 +78,7 @@ class BundleInvalid(Invalid, BundleError):
 _KINDS: dict[str, type[BundleError]] = {
     "not_found": BundleNotFound, "timeout": BundleNotFound,
     "unsigned": BundleRefused, "unknown_signer": BundleRefused, "bad_signature": BundleRefused,
+    "signed": BundleConflict,
 }
 
 

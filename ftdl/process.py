@@ -88,6 +88,36 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as the system knows it: its pid and when it started (in clock ticks since
+    boot), so a pid reused by another process later is not mistaken for it."""
+
+    pid: int
+    started: int
+
+    def to_text(self) -> str:
+        return f"{self.pid}:{self.started}"
+
+    @classmethod
+    def from_text(cls, text: str | None) -> ProcessIdentity | None:
+        try:
+            pid, started = (int(part) for part in (text or "").split(":"))
+        except ValueError:
+            return None
+        return cls(pid, started)
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """Who has this pid now (None: nobody, or not readable here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return ProcessIdentity(pid, int(fields[19])) if len(fields) > 19 and fields[0] not in ("Z", "X") else None
+
+
 def kill_group(pgid: int, timeout_s: float = GROUP_REAP_TIMEOUT_S) -> list[int]:
     """SIGKILL a process group and wait until none of it is alive; returns the survivors (empty
     unless a process could not be killed within ``timeout_s``, which is logged)."""

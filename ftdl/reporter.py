@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
+from fedmq.broker import codec
 from fedmq.ftdl.channel import ENV_FD, MAX_FRAME_BYTES, ReporterMessage
 
 ENV_TASK_ID = "FEDMQ_TASK_ID"
@@ -23,6 +24,7 @@ ENV_ARGS = "FEDMQ_TASK_ARGS"
 ENV_BROKER = "FEDMQ_BROKER"
 ENV_PREFIX = "FEDMQ_PREFIX"
 ENV_CALLER = "FEDMQ_CALLER"
+ENV_CLIENT_ID = "FEDMQ_CLIENT_ID"  # the one client id these credentials may connect with
 ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"  # host:port of the task's Flower server
 ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"  # where a server saves its final model (an absolute path)
 MODEL_FILE = "model.npz"             # the final global model, in that folder
@@ -30,7 +32,7 @@ MODEL_FILE = "model.npz"             # the final global model, in that folder
 
 def rpc_env(rpc: dict[str, str] | None) -> dict[str, str]:
     """The cloud's RPC coordinates as environment variables, for task code and triggers."""
-    names = {"broker": ENV_BROKER, "prefix": ENV_PREFIX, "caller": ENV_CALLER}
+    names = {"broker": ENV_BROKER, "prefix": ENV_PREFIX, "caller": ENV_CALLER, "client_id": ENV_CLIENT_ID}
     return {names[k]: v for k, v in (rpc or {}).items() if k in names and v}
 
 
@@ -70,7 +72,7 @@ class TaskReporter:
         return cls._shared
 
     def _send(self, kind: str, data: dict[str, Any]) -> None:
-        line = ReporterMessage(kind, data).to_line()
+        line = ReporterMessage(kind, codec.finite(data)).to_line()  # a NaN metric is reported as null
         if len(line) > MAX_FRAME_BYTES:
             raise ValueError(f"report of {len(line)} bytes exceeds the channel's {MAX_FRAME_BYTES}")
         with self._lock:

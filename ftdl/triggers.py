@@ -25,7 +25,9 @@ MAX_ARG_LENGTH = 1024
 class TriggerRunner:
     def __init__(self, specs: dict[str, TriggerSpec], *, task_dir: Path, log_dir: Path,
                  env: dict[str, str], on_event: Callable[[TaskEvent], None],
-                 max_concurrent: int = 2) -> None:
+                 max_concurrent: int = 1) -> None:
+        """One trigger of a task at a time by default: they share the task's credentials, which
+        may connect with one client id only."""
         self.specs = specs
         self.task_dir, self.log_dir, self.env = Path(task_dir), Path(log_dir), env
         self.on_event = on_event

@@ -114,7 +114,7 @@ def test_round_trip_cli_push_two_edges(cloud: CloudApp, conns: Any, keys: dict, 
         assert source_files(result.path) == source_files(task)  # bytes identical
     assert [k for k, _ in events].count("bundle_fetched") == 2
     assert fetcher(conns, tmp_path / "edge0", keys["trust"]).fetch(digest).cached  # second time: cache
-    listed = RpcClient(conns.new(), "operator").start().call("bundles", "list")
+    listed = RpcClient(conns.new(), "operator").start().all_items("bundles", "list")
     assert [b["digest"] for b in listed] == [digest] and listed[0]["signer"] == keys["signing"].key_id
 
 
@@ -148,7 +148,7 @@ def test_killed_edge_resumes_and_fetches_only_missing_chunks(cloud: CloudApp, co
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(10)
-    manifest = BundleManifest.from_wire(RpcClient(conns.new(), "op").start().call("bundles", "get", {"digest": digest}))
+    manifest = BundleManifest.from_wire(RpcClient(conns.new(), "operator").start().call("bundles", "get", {"digest": digest}))
     partial = cache / "partial" / f"{digest}.tar.gz"
     published = chunk_digests  # the cloud publishes 16 KiB chunks: count intact ones independently
     total = -(-manifest.size // (16 * 1024))
@@ -277,7 +277,7 @@ def test_cloud_refuses_hostile_uploads(cloud: CloudApp, conns: Any, keys: dict, 
     with pytest.raises(RpcError) as err:
         client.call("bundles", "get", {"digest": "../../etc"})
     assert err.value.code is ErrorCode.INVALID_ARGS
-    assert client.call("bundles", "list") == []
+    assert client.all_items("bundles", "list") == []
 
 
 def test_remove_clears_the_retained_bundle(cloud: CloudApp, conns: Any, keys: dict, mqtt_broker: Any) -> None:
@@ -288,7 +288,7 @@ def test_remove_clears_the_retained_bundle(cloud: CloudApp, conns: Any, keys: di
     watcher = conns.new()
     watcher.subscribe(f"fedmq/v1/bundles/{digest}/#", lambda m: seen.append(m.topic) if m.payload else None)
     time.sleep(1.0)
-    assert seen == [] and client.call("bundles", "list") == []
+    assert seen == [] and client.all_items("bundles", "list") == []
     with pytest.raises(RpcError) as err:
         client.call("bundles", "get", {"digest": digest})
     assert err.value.code is ErrorCode.NOT_FOUND

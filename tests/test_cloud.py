@@ -26,6 +26,7 @@ from fedmq.broker.presence import Presence
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import Topics
 from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.db import SCHEMA_VERSION
 from fedmq.cloud.bundle_client import push_folder
 
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
@@ -61,6 +62,8 @@ def cloud_on(tmp_path: Path) -> Iterator[Any]:
     apps: list[CloudApp] = []
 
     def start(url: str, **kw: Any) -> CloudApp:
+        # These tests run the unsigned test task; tests/test_security.py covers the signed-only default.
+        kw.setdefault("allow_unsigned", True)
         app = CloudApp(CloudConfig(broker=url, home=tmp_path / "cloud", client_id=new_client_id("cloud"), **kw)).start()
         apps.append(app)
         return app
@@ -88,7 +91,8 @@ def spawn_cloud(url: str, home: Path, client_id: str, log_path: Path) -> subproc
     """``fedmq cloud`` as its own process, returned once it says it is serving."""
     log_path.write_text("")
     with log_path.open("a") as log:
-        proc = subprocess.Popen([*FEDMQ, "--broker", url, "cloud", "--home", str(home), "--client-id", client_id],
+        proc = subprocess.Popen([*FEDMQ, "--broker", url, "cloud", "--home", str(home), "--client-id", client_id,
+                                 "--allow-unsigned"],
                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while "serving" not in log_path.read_text():
@@ -144,15 +148,15 @@ def test_create_start_request_stop(mqtt_broker: Any, cloud_on: Any, client_facto
     assert not pid_alive(server_pid)
     assert [o["id"] for o in dev1.call("tasks", "request")] == ["task-b"]  # no longer offered
 
-    timeline = op.call("events", "list", {"task": "task-a"})["timeline"]
+    timeline = op.call("events", "timeline", {"task": "task-a"})["timeline"]
     steps = [row["step"] for row in timeline]
     assert steps[:3] == ["task_created", "task_started", "device_requested"] and steps[-1] == "task_stopped"
-    listed = op.call("tasks", "list", {"state": "running"})
+    listed = op.all_items("tasks", "list", {"state": "running"})
     assert {t["id"] for t in listed} == {"task-b", "task-d", "task-e"}
     op.call("tasks", "delete", {"task": "task-b"})
     Watch(dev1.connection, "fedmq/v1/tasks/task-b")  # cleared: no retained announcement left
-    assert op.call("tasks", "list", {"state": "running"}) and not any(
-        t["id"] == "task-b" for t in op.call("tasks", "list"))
+    assert op.all_items("tasks", "list", {"state": "running"}) and not any(
+        t["id"] == "task-b" for t in op.all_items("tasks", "list"))
 
 
 def test_finished_run_updates_state_rounds_and_metrics(embedded_broker: Any, cloud_on: Any, client_factory: Any,
@@ -174,17 +178,17 @@ def test_finished_run_updates_state_rounds_and_metrics(embedded_broker: Any, clo
     task = op.call("tasks", "get", {"task": "lin"})
     assert task["state"] == "finished" and task["round"] == 2 and task["total_rounds"] == 2
     assert task["metrics"]["r2"] > 0.9
-    steps = [r["step"] for r in op.call("events", "list", {"task": "lin"})["timeline"]]
+    steps = [r["step"] for r in op.call("events", "timeline", {"task": "lin"})["timeline"]]
     assert steps == ["task_created", "task_started", "round 1", "round 2", "task_finished"]
     with pytest.raises(RpcError) as err:
         op.call("tasks", "stop", {"task": "lin"})
     assert err.value.code is ErrorCode.CONFLICT
 
     # The run's history: parameters, per-round metrics, logs, the final model.
-    runs = op.call("tasks", "runs", {"task": "lin"})
+    runs = op.all_items("tasks", "runs", {"task": "lin"})
     assert runs[0]["run"] == 1 and runs[0]["state"] == "finished" and runs[0]["args"] == {"rounds": 2}
     assert runs[0]["bundle"] == digest
-    rows = op.call("tasks", "metrics", {"task": "lin"})["rounds"]
+    rows = op.all_items("tasks", "metrics", {"task": "lin"})
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["r2"] > 0.9 and "loss" in rows[0]
     assert any("Flower" in line or "flwr" in line or "INFO" in line
                for line in op.call("tasks", "logs", {"task": "lin"})["lines"])
@@ -231,7 +235,7 @@ def test_criteria_injection_is_refused_and_nothing_is_stored(bad_input_cloud: di
     error = expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "create", {
         "name": "x", "bundle": bad_input_cloud["digest"], "criteria": criteria}))
     assert "invalid criteria" in error.message
-    assert op.call("tasks", "list") == [] and not Path("/tmp/fedmq-pwned").exists()
+    assert op.all_items("tasks", "list") == [] and not Path("/tmp/fedmq-pwned").exists()
 
 
 def test_bad_requests_get_clear_codes_and_change_nothing(bad_input_cloud: dict) -> None:
@@ -244,8 +248,8 @@ def test_bad_requests_get_clear_codes_and_change_nothing(bad_input_cloud: dict) 
     expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "create", {"name": "x", "bundle": digest, "task": "a/b"}))
     expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "create", {"name": "x", "bundle": digest, "priority": "high"}))
     expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "create", {"name": "x", "bundle": digest, "flower_port": 80}))
-    expect(ErrorCode.INVALID_ARGS, lambda: op.call("tasks", "list", {"state": "bogus"}))
-    assert op.call("tasks", "list") == []
+    expect(ErrorCode.INVALID_ARGS, lambda: op.all_items("tasks", "list", {"state": "bogus"}))
+    assert op.all_items("tasks", "list") == []
 
     op.call("tasks", "create", {"name": "t", "task": "t1", "bundle": digest})
     op.call("tasks", "start", {"task": "t1"})
@@ -272,7 +276,7 @@ def test_two_creates_racing_on_one_id(bad_input_cloud: dict, client_factory: Any
     for t in threads:
         t.join(30)
     assert sum(isinstance(r, dict) for r in results) == 1 and results.count(ErrorCode.CONFLICT) == 3
-    assert [t["id"] for t in bad_input_cloud["op"].call("tasks", "list")] == ["race"]
+    assert [t["id"] for t in bad_input_cloud["op"].all_items("tasks", "list")] == ["race"]
 
 
 def test_a_port_already_in_use(bad_input_cloud: dict) -> None:
@@ -373,7 +377,7 @@ def test_cloud_restart_keeps_state_and_fails_interrupted_tasks(mqtt_broker: Any,
         assert task["state"] == "failed" and "interrupted" in task["last_error"]
         assert op.call("tasks", "get", {"task": "keep"})["criteria"] == "data_quantity > 1"
         assert op.call("devices", "get_info", {"device": "dev-r"})["info"]["data_quantity"] == 150
-        steps = [r["step"] for r in op.call("events", "list", {"task": "run"})["timeline"]]
+        steps = [r["step"] for r in op.call("events", "timeline", {"task": "run"})["timeline"]]
         assert steps == ["task_created", "task_started", "device_requested", "task_failed"]
         deadline = time.time() + 5
         while pid_alive(server_pid) and time.time() < deadline:
@@ -398,7 +402,7 @@ def test_postgresql(embedded_broker: Any, tmp_path: Path, client_factory: Any) -
     url = f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
     try:
         for round_ in range(2):  # the second start finds the schema and keeps the data
-            app = CloudApp(CloudConfig(broker=embedded_broker.url, home=tmp_path / "pg", db=url,
+            app = CloudApp(CloudConfig(broker=embedded_broker.url, home=tmp_path / "pg", db=url, allow_unsigned=True,
                                        client_id=new_client_id("cloud-pg"))).start()
             try:
                 op = client_factory(embedded_broker.url)
@@ -413,7 +417,7 @@ def test_postgresql(embedded_broker: Any, tmp_path: Path, client_factory: Any) -
                 app.stop()
         cursor = admin.cursor()
         cursor.execute(f"SELECT max(version) FROM {schema}.schemaversion")
-        assert cursor.fetchone()[0] == 1
+        assert cursor.fetchone()[0] == SCHEMA_VERSION  # every migration, once
     finally:
         admin.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
         admin.close()

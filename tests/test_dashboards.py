@@ -123,7 +123,7 @@ def test_a_killed_node_red_or_malformed_commands_never_harm_the_cloud(fleet: dic
         fleet["red"].send_signal(signal.SIGKILL)
         fleet["red"].wait(10)
         assert cluster.call("tasks", "ping")["pong"] is True
-        assert {t["id"] for t in cluster.call("tasks", "list")} == {"C", "D"}  # nothing deleted
+        assert {t["id"] for t in cluster.items("tasks", "list")} == {"C", "D"}  # nothing deleted
         assert cluster.call("tasks", "start", {"task": "D"})["state"] == "running"
         assert cluster.wait_task("D", 120)["state"] == "finished"
         assert codec.detect(b"{}") is codec.Codec.JSON

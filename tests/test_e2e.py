@@ -119,7 +119,7 @@ def test_broker_killed_during_training(cluster: DemoCluster, mqtt_broker: Any) -
     settle(cluster, cluster.devices_online, 60, "devices online again")
     settle(cluster, lambda: not edge_clients(cluster), 30, "no client left running")
     def both_finished() -> bool:  # the edges' last events travel through the broker to the cloud
-        events = cluster.call("events", "list", {"task": "slow"}, timeout=5)["events"]
+        events = cluster.items("events", "list", {"task": "slow"})
         return {e["device"] for e in events if e["kind"] == "client_finished"} >= set(cluster.devices)
 
     settle(cluster, both_finished, 30, "both clients reported finishing")

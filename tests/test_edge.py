@@ -89,7 +89,8 @@ def test_info_is_gathered_without_ml_imports(tmp_path: Path) -> None:
 
 @pytest.fixture
 def stack(embedded_broker: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    cloud = CloudApp(CloudConfig(broker=embedded_broker.url, home=tmp_path / "cloud", client_id="cloud-edge-test")).start()
+    cloud = CloudApp(CloudConfig(broker=embedded_broker.url, home=tmp_path / "cloud", client_id="cloud-edge-test",
+                                 allow_unsigned=True)).start()
     config = EdgeConfig(device_id="dev-x", broker=embedded_broker.url, work_dir=tmp_path / "edge",
                         recheck_interval_s=60.0, allow_unsigned=True)
     agent = EdgeAgent(config)

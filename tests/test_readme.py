@@ -52,13 +52,25 @@ def processes_under(folder: Path) -> list[psutil.Process]:
     return found
 
 
+def tracked_files() -> list[str]:
+    done = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if done.returncode == 0 and done.stdout.strip():
+        return done.stdout.splitlines()
+    return [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file()
+            and not {".git", ".venv", "node_modules", "__pycache__"} & set(p.relative_to(REPO).parts)]
+
+
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> Iterator[Path]:
-    """A working copy of the repository root as a reader has it after the first command: the
-    examples, and the virtualenv the tests run in as ``.venv``."""
+    """A copy of the repository root as a reader has it after the first command: every tracked
+    file (so a command that writes where the sources are is caught), and the virtualenv the
+    tests run in as ``.venv``."""
     root = tmp_path / "fedmq"
-    root.mkdir()
-    shutil.copytree(REPO / "examples", root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in tracked_files():
+        source = REPO / name
+        if source.is_file() or source.is_symlink():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name, follow_symlinks=False)
     (root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     try:
         yield root
@@ -72,8 +84,9 @@ def repo_copy(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "activate").is_file(), reason="needs a virtualenv")
 def test_the_quick_tour_runs_as_written(repo_copy: Path) -> None:
-    script = repo_copy / "tour.sh"
+    script = repo_copy.parent / "tour.sh"
     script.write_text("set -euo pipefail\n" + readme.command("tour"))
+    sources = {p for p in repo_copy.rglob("*") if p.is_file() and ".venv" not in p.parts}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_") and k != "VIRTUAL_ENV"}
     started = time.monotonic()
     done = subprocess.run(["bash", str(script)], cwd=repo_copy, env=env, capture_output=True, text=True,
@@ -87,8 +100,14 @@ def test_the_quick_tour_runs_as_written(repo_copy: Path) -> None:
     assert (repo_copy / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (repo_copy / "events.json").stat().st_size > 0
     # Run folders live under the cloud home, never inside the unpacked bundle.
-    assert (repo_copy / "cloud" / "runs" / "digits-1" / "1" / "model.npz").is_file()
-    assert not list((repo_copy / "cloud" / "tasks").rglob("model.npz"))
+    assert (repo_copy / "fedmq-cloud" / "runs" / "digits-1" / "1" / "model.npz").is_file()
+    assert not list((repo_copy / "fedmq-cloud" / "tasks").rglob("model.npz"))
+    # Nothing it wrote landed among the sources (a --home ./cloud once filled the cloud package).
+    written = {p for p in repo_copy.rglob("*") if p.is_file() and ".venv" not in p.parts} - sources
+    packages = ("broker", "cloud", "edge", "ftdl", "fedmq", "dashboards", "examples", "tests", "scripts", "docs")
+    among_sources = sorted(str(p.relative_to(repo_copy)) for p in written
+                           if p.relative_to(repo_copy).parts[0] in packages and "__pycache__" not in p.parts)
+    assert among_sources == []
     deadline = time.monotonic() + 15
     while processes_under(repo_copy) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,5 +1,5 @@
 """``python -m fedmq.cli``: the same as the ``fedmq`` command."""
 
-from fedmq.cli import app
+from fedmq.cli import run
 
-app()
+run()

@@ -21,6 +21,7 @@ from fedmq.cli.common import (
     globals_of,
     progress,
     rpc,
+    rpc_items,
     show,
 )
 from fedmq.ftdl.paths import absolute
@@ -43,7 +44,8 @@ def push(ctx: typer.Context,
 
     folder = absolute(folder)
     if not folder.is_dir():
-        fail(ExitCode.BAD_INPUT, f"no task folder {folder}")
+        fail(ExitCode.BAD_INPUT, f"{folder} is not a folder: give the task folder (the one holding fedmq.toml)"
+             if folder.exists() else f"no task folder {folder}")
     try:
         signing_key = SigningKey.load(absolute(key)) if key else None
     except SigningError as exc:
@@ -68,6 +70,9 @@ def push(ctx: typer.Context,
     signed = f"signed by {manifest.signer}" if manifest.signer else "UNSIGNED"
     err_console.print(f"pushed {manifest.task['name']}: {manifest.size} bytes, {len(manifest.files)} files, "
                       f"{signed}, {result.uploaded_chunks} chunk(s) uploaded", highlight=False)
+    if not manifest.signer:
+        err_console.print("[yellow]warning:[/yellow] devices and clouds run only bundles signed by a key they trust; "
+                          "sign it with --key (fedmq keys new) unless they run with --allow-unsigned (development)")
     sys.stdout.write(manifest.digest + "\n")
 
 
@@ -82,7 +87,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 @app.command("list")
 def list_(ctx: typer.Context, output: OutputOpt = Output.TABLE) -> None:
     """Bundles in the cloud's store."""
-    show(rpc(ctx, "bundles", "list"), output, _table)
+    show(rpc_items(ctx, "bundles", "list"), output, _table)
 
 
 @app.command("rm")

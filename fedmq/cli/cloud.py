@@ -10,7 +10,7 @@ import typer
 
 from fedmq.broker.connection import BrokerUnavailable
 from fedmq.broker.topics import DEFAULT_PREFIX
-from fedmq.cli.common import ExitCode, console, fail, globals_of
+from fedmq.cli.common import ExitCode, console, err_console, fail, globals_of
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,11 @@ def cloud(ctx: typer.Context,
           trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
                                                  "this public key (file or folder); repeatable."),
           require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads."),
+          allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only: run server code "
+                                              "and triggers from bundles no trusted key signed."),
+          dynsec: bool = typer.Option(False, "--dynsec", help="Manage identities (fedmq device add, fedmq operator "
+                                      "add) with the broker's dynamic-security plugin; the cloud's broker user "
+                                      "needs its admin role."),
           chunk_size: int = typer.Option(64 * 1024, help="Bytes per retained bundle chunk."),
           flower_bind: str = typer.Option("0.0.0.0", help="Interface Flower servers listen on."),
           flower_advertise: str = typer.Option("127.0.0.1", help="Host devices use to reach Flower servers."),
@@ -40,14 +45,20 @@ def cloud(ctx: typer.Context,
                          client_id=client_id, trusted_keys=trusted_key, require_signed=require_signed,
                          chunk_size=chunk_size, shared_group=shared_group,
                          services=tuple(s.strip() for s in services.split(",") if s.strip()),
-                         flower_bind=flower_bind, flower_advertise=flower_advertise)
+                         flower_bind=flower_bind, flower_advertise=flower_advertise,
+                         allow_unsigned=allow_unsigned, dynsec=dynsec)
     try:
         cloud_app = CloudApp(config)
         cloud_app.start()
     except BrokerUnavailable as exc:
         fail(ExitCode.UNREACHABLE, str(exc))
-    except (ValueError, RuntimeError, OSError) as exc:
+    except OSError as exc:
+        fail(ExitCode.BAD_INPUT, f"cannot use {exc.filename or config.home}: {exc.strerror or exc}")
+    except (ValueError, RuntimeError) as exc:
         fail(ExitCode.BAD_INPUT, str(exc))
+    if allow_unsigned:
+        err_console.print("[yellow]warning:[/yellow] --allow-unsigned: this cloud runs server code from bundles no "
+                          "trusted key signed (development only)")
     console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on "
                   f"{cloud_app.connection.settings.url} (home {config.home})", highlight=False)
 

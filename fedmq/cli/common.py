@@ -19,6 +19,7 @@ to stderr, so ``fedmq task list --output json | jq`` sees only JSON.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +35,16 @@ from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import DEFAULT_PREFIX, Topics
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool) -> Console:
+    """On a terminal, its width; elsewhere (a pipe, a log, CI) wide enough that tables keep their
+    columns and a message stays on one line."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200, soft_wrap=stderr)
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
 SERVICE_WAIT_S = 20.0
 
 
@@ -87,11 +96,14 @@ def fail(code: ExitCode, message: str, label: str = "error") -> NoReturn:
 
 
 def connect(g: Globals, kind: str = "cli") -> MqttConnection:
-    connection = MqttConnection(new_client_id(f"{kind}-{g.caller}"), g.broker_url)
+    # Credentials bound to one client id (a task's, in its triggers) say which in FEDMQ_CLIENT_ID.
+    client_id = os.environ.get("FEDMQ_CLIENT_ID") or new_client_id(f"{kind}-{g.caller}")
+    connection = MqttConnection(client_id, g.broker_url)
     try:
-        connection.start(timeout=5.0)
+        connection.start(timeout=5.0, fail_fast=True)
     except BrokerUnavailable as exc:
-        fail(ExitCode.UNREACHABLE, str(exc))
+        fail(ExitCode.UNREACHABLE, f"{exc}: start one (fedmq broker, or your Mosquitto) or point "
+                                   "--broker / FEDMQ_BROKER at it")
     return connection
 
 
@@ -116,9 +128,9 @@ class Session:
         except RpcError as exc:
             self.close()
             if exc.code is ErrorCode.TIMEOUT:
-                fail(ExitCode.UNREACHABLE, f"no answer from the {service} service within {SERVICE_WAIT_S:g} s: "
-                     f"is fedmq cloud running on {self.connection.settings.url} (prefix {self.g.topics.prefix})?",
-                     "timeout")
+                fail(ExitCode.UNREACHABLE, f"no answer from a service named {service!r} within {SERVICE_WAIT_S:g} s "
+                     f"on {self.connection.settings.url} (prefix {self.g.topics.prefix}): is fedmq cloud running "
+                     "there, with that service (bundles, devices, tasks, events, identities)?", "timeout")
             fail(ExitCode.REMOTE_ERROR, exc.message, exc.code.value)
 
     def call(self, service: str, method: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
@@ -144,6 +156,17 @@ def rpc(ctx: typer.Context, service: str, method: str, args: dict[str, Any] | No
     """One call, start to end: connect, wait for the service, call, disconnect."""
     with Session(globals_of(ctx), service) as session:
         return session.call(service, method, args, timeout)
+
+
+def rpc_items(ctx: typer.Context, service: str, method: str, args: dict[str, Any] | None = None) -> list[Any]:
+    """Every item of a list method, page after page."""
+    with Session(globals_of(ctx), service) as session:
+        try:
+            return session.client.all_items(service, method, args)
+        except RpcError as exc:
+            session.close()
+            fail(ExitCode.UNREACHABLE if exc.code is ErrorCode.TIMEOUT else ExitCode.REMOTE_ERROR,
+                 exc.message, exc.code.value)
 
 
 def json_arg(value: str | None, name: str) -> Any:

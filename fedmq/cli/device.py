@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from fedmq.cli.common import Output, OutputOpt, ago, rpc, show
+from fedmq.cli.common import Output, OutputOpt, ago, rpc, rpc_items, show
 
 app = typer.Typer(help="The device registry.", no_args_is_help=True)
 
@@ -30,7 +30,7 @@ def list_(ctx: typer.Context,
                                                 help="Only online (or offline) devices; all by default."),
           output: OutputOpt = Output.TABLE) -> None:
     """List devices."""
-    show(rpc(ctx, "devices", "list", {} if online is None else {"online": online}), output, _table)
+    show(rpc_items(ctx, "devices", "list", {} if online is None else {"online": online}), output, _table)
 
 
 @app.command("get")

@@ -18,10 +18,13 @@ def new(name: str = typer.Argument("operator", help="Key name: writes NAME.key a
     """Create an Ed25519 key pair for signing bundles (give NAME.pub to devices)."""
     from fedmq.ftdl.signing import SigningError, SigningKey, generate_keypair
 
+    folder = absolute(directory)
     try:
-        private, public = generate_keypair(absolute(directory), name)
-    except (SigningError, OSError) as exc:
+        private, public = generate_keypair(folder, name)
+    except SigningError as exc:
         fail(ExitCode.BAD_INPUT, str(exc))
+    except OSError as exc:
+        fail(ExitCode.BAD_INPUT, f"cannot write the key pair in {folder}: {exc.strerror or exc}")
     console.print(f"private key: {private} (keep it secret)\n"
                   f"public key:  {public} (key id {SigningKey.load(private).key_id}; give it to devices)",
                   highlight=False)

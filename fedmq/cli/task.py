@@ -24,6 +24,7 @@ from fedmq.cli.common import (
     json_arg,
     progress,
     rpc,
+    rpc_items,
     show,
 )
 from fedmq.ftdl.paths import absolute
@@ -84,7 +85,7 @@ def list_(ctx: typer.Context,
           output: OutputOpt = Output.TABLE) -> None:
     """List tasks."""
     args = {k: v for k, v in dict(state=state, tag=tag).items() if v is not None}
-    show(rpc(ctx, "tasks", "list", args), output, task_table)
+    show(rpc_items(ctx, "tasks", "list", args), output, task_table)
 
 
 @app.command("get")
@@ -140,6 +141,7 @@ def wait(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
     from fedmq.cloud.task_client import TaskWaitTimeout, wait_for_task
 
     g = globals_of(ctx)
+    rpc(ctx, "tasks", "get", {"task": task})  # a task that does not exist is said at once
     connection = connect(g)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
@@ -178,7 +180,8 @@ def events(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
                                                     help="Also write every event to this file (events.json)."),
            output: OutputOpt = Output.TABLE) -> None:
     """The task's timeline (each step with its time)."""
-    result = rpc(ctx, "events", "list", {"task": task})
+    result = {"task": task, "events": rpc_items(ctx, "events", "list", {"task": task}),
+              "timeline": rpc(ctx, "events", "timeline", {"task": task})["timeline"]}
     if json_file:
         json_file = absolute(json_file)
         json_file.write_text(json.dumps(result, indent=2))
@@ -194,8 +197,10 @@ def metrics(ctx: typer.Context, task: str = typer.Argument(..., help="Task id.")
                                                 help="Draw loss and accuracy per round to this PNG."),
             output: OutputOpt = Output.TABLE) -> None:
     """Per-round metrics of a run: a table, a CSV file and optionally a plot."""
-    result = rpc(ctx, "tasks", "metrics", {"task": task, **({"run": run} if run else {})})
-    rows = result["rounds"]
+    args = {"task": task, **({"run": run} if run else {})}
+    first = rpc(ctx, "tasks", "metrics", {**args, "limit": 1})
+    rows = rpc_items(ctx, "tasks", "metrics", {**args, "run": first["run"]})
+    result = {"task": task, "run": first["run"], "rounds": rows}
     columns = ["round", *sorted({k for r in rows for k in r} - {"round"})]
 
     def table(_: Any) -> Table:
@@ -275,4 +280,4 @@ def _runs_table(rows: list[dict[str, Any]]) -> Table:
 def runs(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
          output: OutputOpt = Output.TABLE) -> None:
     """Every run of a task."""
-    show(rpc(ctx, "tasks", "runs", {"task": task}), output, _runs_table)
+    show(rpc_items(ctx, "tasks", "runs", {"task": task}), output, _runs_table)

@@ -1,0 +1,25 @@
+"""Who may do what: the roles a caller can have.
+
+The caller of an RPC is the caller level of its topic, which the broker binds to the
+connection's username (``mosquitto.acl``, the dynamic-security roles, the embedded broker's
+rules), so a role is a property of a credential.  Every RPC method declares the roles it admits
+(``@rpc(roles=...)``); the server answers ``forbidden`` to everyone else.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    OPERATOR = "operator"   # everything, including who may connect
+    VIEWER = "viewer"       # read-only: dashboards, monitoring
+    DEVICE = "device"       # its own presence, info, requests and events; reads bundles
+    SERVICE = "service"     # cloud replicas and helper services: reads, and republishing bundles
+    TASK = "task"           # a task's own server-side code and triggers: steer tasks, read results
+
+
+OPERATOR = frozenset({Role.OPERATOR})
+DEVICES = frozenset({Role.DEVICE})
+READERS = frozenset({Role.OPERATOR, Role.VIEWER, Role.SERVICE, Role.TASK})  # may read the fleet's state
+STEERING = frozenset({Role.OPERATOR, Role.TASK})  # may change a task's parameters, start or stop it
