@@ -26,8 +26,8 @@ from fedmq.broker.presence import Presence
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import Topics
 from fedmq.cloud.app import CloudApp, CloudConfig
-from fedmq.cloud.db import SCHEMA_VERSION
 from fedmq.cloud.bundle_client import push_folder
+from fedmq.cloud.db import SCHEMA_VERSION
 
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
 TOPICS = Topics()
