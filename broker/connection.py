@@ -39,7 +39,8 @@ class BrokerUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class BrokerSettings:
     """Where and how to connect.  Built from a URL so one string configures a component:
-    ``mqtt://user:pass@host:1883``, ``mqtts://host:8883`` (TLS), ``?protocol=5``."""
+    ``mqtt://user:pass@host:1883``, ``mqtts://host:8883?ca=ca.crt`` (TLS, the broker verified
+    against that CA; ``&cert=c.crt&key=c.key`` for a client certificate), ``?protocol=5``."""
 
     host: str = "127.0.0.1"
     port: int = 1883
@@ -65,12 +66,20 @@ class BrokerSettings:
         protocol = {"3.1.1": 4, "311": 4, "4": 4, "5": 5}.get(query.get("protocol", "4"))
         if protocol is None:
             raise ValueError(f"unsupported MQTT protocol {query['protocol']!r} (use 3.1.1 or 5)")
+        unknown = set(query) - {"protocol", "ca", "cert", "key"}
+        if unknown:
+            raise ValueError(f"unknown broker URL parameters {sorted(unknown)} (protocol, ca, cert, key)")
         values: dict[str, Any] = dict(
             host=parsed.hostname or "127.0.0.1",
             port=parsed.port or (8883 if tls else 1883),
             username=unquote(parsed.username) if parsed.username else None,
             password=unquote(parsed.password) if parsed.password else None,
-            tls=tls, protocol=protocol)
+            tls=tls, protocol=protocol,
+            # mqtts:// verifies the broker's certificate against ?ca=FILE (default: the system's
+            # trusted CAs); ?cert=&key= present a client certificate.
+            ca_file=unquote(query["ca"]) if "ca" in query else None,
+            cert_file=unquote(query["cert"]) if "cert" in query else None,
+            key_file=unquote(query["key"]) if "key" in query else None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -260,6 +269,11 @@ class MqttConnection:
             if self.connect_count != generation and self._resubscribed.wait(0.05):
                 return
         raise BrokerUnavailable(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
+
+    def wait_subscribed(self, timeout: float = 10.0) -> None:
+        """Wait until the broker has acknowledged the subscriptions made on (re)connect."""
+        if not self._resubscribed.wait(timeout):
+            raise BrokerUnavailable(f"no SUBACK for {len(self._subs)} subscription(s) within {timeout:g} s")
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

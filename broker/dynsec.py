@@ -47,7 +47,7 @@ class DynsecClient:
                 waiter[1].append(response)
                 waiter[0].set()
 
-    def run(self, command: str, **fields: Any) -> dict[str, Any]:
+    def run(self, command: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """One command; its ``data`` (or ``{}``).  Raises ``DynsecError`` if the broker refused
         it and ``TimeoutError`` if nothing answered (no dynamic security on this broker, or these
         credentials may not use it)."""
@@ -62,9 +62,10 @@ class DynsecClient:
         try:
             payload = {"commands": [{"command": command, "correlationData": key, **fields}]}
             self.connection.publish(CONTROL_TOPIC, json.dumps(payload).encode(), qos=1)
-            if not done.wait(self.timeout):
+            wait = self.timeout if timeout is None else timeout
+            if not done.wait(wait):
                 raise TimeoutError(f"the broker did not answer {command} on {CONTROL_TOPIC} within "
-                                   f"{self.timeout:g} s: is the dynamic-security plugin loaded, and may "
+                                   f"{wait:g} s: is the dynamic-security plugin loaded, and may "
                                    "these credentials use it?")
         finally:
             with self._lock:

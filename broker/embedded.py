@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.broker import Action, Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from fedmq.broker.acl import CONTROL_TOPIC
 from fedmq.broker.dynamic_security import DynamicSecurity
@@ -78,6 +81,40 @@ class _Broker(Broker):
         if self.security is None:
             return await super()._authenticate(session, listener)
         return self.security.authenticate(session.username, session.password, session.client_id)
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[Any, Session]:
+        """amqtt merges a connecting client into the session of its client id -- or, with a clean
+        session, deletes that session -- before it authenticates it, so a client with wrong
+        credentials or a client id not its own could still evict or alter another's session.
+        With dynamic security, the credentials and the bound client id are checked first."""
+        if self.security is None:
+            return await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            await writer.close()
+            raise AMQTTError(exc) from exc
+        if not self.security.authenticate(session.username, session.password, session.client_id):
+            session.parent = 0
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)  # CONNACK 5: not authorized
+            await writer.close()
+            raise AMQTTError(f"refused {session.username!r} as {session.client_id!r}: not authorized")
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session, session.parent = existing, 1
+        else:
+            session.parent = 0
+        return handler, session
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         if self.security is None:

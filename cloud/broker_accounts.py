@@ -52,7 +52,15 @@ class DynsecAccounts:
         except DynsecError as exc:
             if "exists" not in exc.error:
                 raise
-        self.client.run("addClientRole", username=name, rolename=rolename, priority=0)
+        try:
+            self.client.run("addClientRole", username=name, rolename=rolename, priority=0, timeout=3.0)
+        except (DynsecError, TimeoutError):
+            # The broker disconnects a client whose roles change -- here, us -- so the answer may
+            # be lost, or the command resent (QoS 1) and refused the second time: ask again.
+            self.client.connection.wait_connected(30)
+            held = self.client.get_client(name).get("roles") or []
+            if not any(r.get("rolename") == rolename for r in held):
+                raise
 
     def delete(self, name: str) -> None:
         try:
