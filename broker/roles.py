@@ -23,3 +23,16 @@ OPERATOR = frozenset({Role.OPERATOR})
 DEVICES = frozenset({Role.DEVICE})
 READERS = frozenset({Role.OPERATOR, Role.VIEWER, Role.SERVICE, Role.TASK})  # may read the fleet's state
 STEERING = frozenset({Role.OPERATOR, Role.TASK})  # may change a task's parameters, start or stop it
+# may manage identities (the cloud's own identity bootstraps the first operator)
+ADMINS = frozenset({Role.OPERATOR, Role.SERVICE})
+
+
+# The one client id an identity of each role may connect with; operators are not bound (their
+# tools open many connections; an operator may stop anything anyway).
+CLIENT_IDS = {Role.DEVICE: "fedmq-edge-{}", Role.VIEWER: "fedmq-viewer-{}", Role.TASK: "fedmq-{}",
+              Role.SERVICE: "fedmq-service-{}"}
+
+
+def bound_client_id(name: str, role: Role) -> str | None:
+    pattern = CLIENT_IDS.get(role)
+    return pattern.format(name) if pattern else None

@@ -211,9 +211,11 @@ class RpcServer:
             topic_filter = f"$share/{self.shared_group}/{topic_filter}"
         return topic_filter
 
-    def start(self) -> RpcServer:
+    def start(self, wait: bool = True) -> RpcServer:
+        """Subscribe the services' topics.  ``wait=False`` before the connection is up: a
+        persistent session's queued requests then find their handler the moment they arrive."""
         for name in self.services:
-            self.connection.subscribe(self._filter(name), self._on_message, qos=1)
+            self.connection.subscribe(self._filter(name), self._on_message, qos=1, wait=wait)
         return self
 
     def stop(self) -> None:
@@ -225,7 +227,8 @@ class RpcServer:
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         # paho's network thread: parse cheaply, then hand the handler to the pool.
         try:
-            rpc_topic = self.topics.parse_rpc(message.topic)
+            # An invalid method name is answered (unknown_method, with the list) below.
+            rpc_topic = self.topics.parse_rpc(message.topic, check_method=False)
         except TopicError as exc:
             self._drop(message.topic, str(exc))
             return

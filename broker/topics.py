@@ -68,7 +68,9 @@ class Topics:
     def reply(self, caller: str, inbox: str) -> str:
         return self._join("reply", check_id(caller, "caller"), check_id(inbox, "inbox"))
 
-    def parse_rpc(self, topic: str) -> RpcTopic:
+    def parse_rpc(self, topic: str, check_method: bool = True) -> RpcTopic:
+        """``check_method=False`` lets a server answer "no such method" to a misspelt one
+        instead of dropping it unanswered; service and caller are always checked."""
         head = self.prefix + "/rpc/"
         if not topic.startswith(head):
             raise TopicError(f"not an RPC topic: {topic!r}")
@@ -76,7 +78,7 @@ class Topics:
         if len(parts) != 3:
             raise TopicError(f"RPC topic needs <service>/<method>/<caller>: {topic!r}")
         service, method, caller = parts
-        return RpcTopic(check_id(service, "service"), check_id(method, "method"),
+        return RpcTopic(check_id(service, "service"), check_id(method, "method") if check_method else method,
                         check_id(caller, "caller"))
 
     def reply_allowed(self, reply_to: str, caller: str) -> bool:

@@ -107,6 +107,15 @@ class CloudApp:
 
     def start(self, timeout: float = 10.0) -> CloudApp:
         self.connection.add_connect_listener(self._on_connect)
+        # Handlers first, then the connection: what the persistent session queued while the cloud
+        # was away (edges' events, requests) is delivered the moment it connects.
+        if "devices" in self.config.services:
+            self.connection.subscribe(self.topics.all_device_states(), self.inbound.on_presence, wait=False)
+        if "tasks" in self.config.services:
+            # QoS 1 on the persistent session: steps devices report while the cloud is away wait for it.
+            self.connection.subscribe(self.topics.all_device_events(), self.inbound.on_device_event, qos=1,
+                                      wait=False)
+        self.server.start(wait=False)
         self.connection.start(timeout=timeout)
         if isinstance(self.accounts, DynsecAccounts):
             # The cloud's own topics, as a role of its own on the broker (once: the broker then
@@ -116,12 +125,7 @@ class CloudApp:
             failed = self.tasks.reconcile()
             if failed:
                 log.warning("tasks interrupted by the previous cloud's end, now failed: %s", failed)
-        if "devices" in self.config.services:
-            self.connection.subscribe(self.topics.all_device_states(), self.inbound.on_presence)
-        if "tasks" in self.config.services:
-            # QoS 1 on the persistent session: steps devices report while the cloud is away wait for it.
-            self.connection.subscribe(self.topics.all_device_events(), self.inbound.on_device_event, qos=1)
-        self.server.start()
+        self.connection.wait_subscribed(timeout)
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
 

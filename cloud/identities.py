@@ -22,7 +22,7 @@ from typing import Protocol
 from peewee import Database
 
 from fedmq.broker.errors import Conflict, Invalid, NotFound
-from fedmq.broker.roles import Role
+from fedmq.broker.roles import Role, bound_client_id
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.db import Principal, write_transaction
 
@@ -30,13 +30,6 @@ from fedmq.cloud.db import Principal, write_transaction
 # may use them (on an open broker anyone can: development only).
 DEFAULT_ROLES = {"operator": Role.OPERATOR, "dashboard": Role.VIEWER}
 TASK_PREFIX = "task."
-
-
-def bound_client_id(name: str, role: Role) -> str | None:
-    """The one client id an identity may connect with; operators are not bound (their tools open
-    many connections; an operator may stop anything anyway)."""
-    return {Role.DEVICE: f"fedmq-edge-{name}", Role.VIEWER: f"fedmq-viewer-{name}",
-            Role.TASK: f"fedmq-{name}", Role.SERVICE: f"fedmq-service-{name}"}.get(role)
 
 
 @dataclass(frozen=True)

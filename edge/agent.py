@@ -28,6 +28,7 @@ from fedmq.broker.connection import MqttConnection, Will
 from fedmq.broker.envelope import RpcError
 from fedmq.broker.events import EventKind, EventRecord, publish_event
 from fedmq.broker.presence import OFFLINE, ONLINE, Presence
+from fedmq.broker.roles import CLIENT_IDS, Role
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
 from fedmq.broker.topics import TopicError, Topics, check_id
@@ -80,7 +81,7 @@ class EdgeAgent:
         self.state = AgentState.load(self.work / "state.json")
         self.policy = get_policy(config.policy)
         self._session = self.state.session
-        self.connection = MqttConnection(f"fedmq-edge-{self.device}", config.broker, persistent=True,
+        self.connection = MqttConnection(CLIENT_IDS[Role.DEVICE].format(self.device), config.broker, persistent=True,
                                          will_factory=self._will, alternates=config.alternates)
         self.rpc = RpcClient(self.connection, self.device, self.topics)
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else TrustStore()

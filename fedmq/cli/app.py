@@ -13,7 +13,8 @@ import click
 import typer
 
 from fedmq import __version__
-from fedmq.cli import broker, bundle, call, cloud, dashboards, demo, device, edge, keys, task
+from fedmq.broker.connection import BrokerSettings
+from fedmq.cli import broker, bundle, call, cloud, dashboards, demo, device, edge, keys, operator, task
 from fedmq.cli.common import Globals, console
 
 EXIT_CODES = ("Exit codes: 0 done; 1 the service answered with an error (or a task or the demo ended "
@@ -36,8 +37,9 @@ def main(ctx: typer.Context,
              None, "--broker", "-b", envvar="FEDMQ_BROKER", show_default=False,
              help="Broker URL: mqtt://user:pass@host:port, mqtts:// for TLS, ?protocol=5 for MQTT 5 "
                   "(default: mqtt://127.0.0.1:1883; for fedmq edge, its config file's)."),
-         caller: str = typer.Option("operator", "--caller", envvar="FEDMQ_CALLER",
-                                    help="Who we are on the wire (with an ACL: the MQTT username)."),
+         caller: str | None = typer.Option(None, "--caller", envvar="FEDMQ_CALLER", show_default=False,
+                                           help="Who we are on the wire; the broker binds it to the MQTT "
+                                                "username (default: the --broker URL's user, else operator)."),
          prefix: str | None = typer.Option(None, "--prefix", envvar="FEDMQ_PREFIX", show_default=False,
                                               help="Topic prefix (default: fedmq/v1)."),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug output to stderr."),
@@ -46,10 +48,15 @@ def main(ctx: typer.Context,
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = ctx.get_parameter_source("broker_url")
+    if caller is None:
+        try:
+            caller = (BrokerSettings.from_url(broker_url).username if broker_url else None) or "operator"
+        except ValueError:  # the command that connects says what is wrong with the URL
+            caller = "operator"
     ctx.obj = Globals(broker_url, caller, prefix, source is click.core.ParameterSource.COMMANDLINE)
 
 
 for module in (broker, cloud, edge, demo, dashboards, call):
     module.register(app)
-for module, name in ((task, "task"), (device, "device"), (bundle, "bundle"), (keys, "keys")):
+for module, name in ((task, "task"), (device, "device"), (operator, "operator"), (bundle, "bundle"), (keys, "keys")):
     app.add_typer(module.app, name=name)

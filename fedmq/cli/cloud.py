@@ -22,7 +22,8 @@ def cloud(ctx: typer.Context,
                                     help="Folder for the bundle store, task runs and the SQLite database."),
           db: str | None = typer.Option(None, "--db", envvar="FEDMQ_DB", show_default=False,
                                            help="Database URL (default: SQLite in --home; or postgresql://user@host/db)."),
-          services: str = typer.Option("bundles,devices,tasks,events", help="Comma-separated services to run."),
+          services: str | None = typer.Option(None, show_default=False, help="Comma-separated services to run "
+                                              "(default: all of bundles, devices, tasks, events, identities)."),
           trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
                                                  "this public key (file or folder); repeatable."),
           require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads."),
@@ -41,10 +42,11 @@ def cloud(ctx: typer.Context,
     from fedmq.cloud.app import CloudApp, CloudConfig
 
     g = globals_of(ctx)
+    chosen = {"services": tuple(s.strip() for s in services.split(",") if s.strip())} if services else {}
     config = CloudConfig(broker=g.broker_url, prefix=g.prefix or DEFAULT_PREFIX, home=home, db=db,
                          client_id=client_id, trusted_keys=trusted_key, require_signed=require_signed,
                          chunk_size=chunk_size, shared_group=shared_group,
-                         services=tuple(s.strip() for s in services.split(",") if s.strip()),
+                         **chosen,
                          flower_bind=flower_bind, flower_advertise=flower_advertise,
                          allow_unsigned=allow_unsigned, dynsec=dynsec)
     try:
@@ -59,8 +61,10 @@ def cloud(ctx: typer.Context,
     if allow_unsigned:
         err_console.print("[yellow]warning:[/yellow] --allow-unsigned: this cloud runs server code from bundles no "
                           "trusted key signed (development only)")
+    settings = cloud_app.connection.settings  # its url never carries the password
+    who = f" as {settings.username}" if settings.username else ""
     console.print(f"fedmq cloud serving {', '.join(sorted(cloud_app.server.services))} on "
-                  f"{cloud_app.connection.settings.url} (home {config.home})", highlight=False)
+                  f"{settings.url}{who} (home {config.home})", highlight=False)
 
     def on_term(*_: Any) -> None:  # stop like Ctrl-C: running tasks' servers are stopped too
         raise KeyboardInterrupt
