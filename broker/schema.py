@@ -33,6 +33,7 @@ class DeviceTaskState(StrEnum):
 
     OFFERED = "offered"
     RUNNING = "running"
+    STOPPING = "stopping"  # told to stop, not confirmed yet (told again when the cloud reconnects)
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"

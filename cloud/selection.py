@@ -101,11 +101,23 @@ class Selection:
 
     @staticmethod
     def take_active(task_id: str) -> list[str]:
-        """The devices offered or running ``task_id``, now marked stopped (a stop must reach them)."""
+        """The devices offered or running ``task_id``, now marked stopping (a stop must reach them;
+        their own client_stopped, client_finished or client_error confirms it)."""
         active = (TaskDevice.task == task_id) & TaskDevice.state.in_(ACTIVE_ON_DEVICE)
         devices = [row.device for row in TaskDevice.select(TaskDevice.device).where(active)]
-        TaskDevice.update(state=DeviceTaskState.STOPPED, updated=time.time()).where(active).execute()
+        now = time.time()
+        # Only a running client confirms a stop; an offer not taken up yet simply lapses (the
+        # retained announcement also tells a device that started meanwhile to stop).
+        TaskDevice.update(state=DeviceTaskState.STOPPING, updated=now).where(
+            active & (TaskDevice.state == DeviceTaskState.RUNNING)).execute()
+        TaskDevice.update(state=DeviceTaskState.STOPPED, updated=now).where(active).execute()
         return devices
+
+    @staticmethod
+    def unconfirmed_stops() -> list[tuple[str, str]]:
+        """(task, device) of every stop not confirmed yet."""
+        rows = TaskDevice.select(TaskDevice.task, TaskDevice.device).where(TaskDevice.state == DeviceTaskState.STOPPING)
+        return [(row.task, row.device) for row in rows]
 
     @staticmethod
     def running_counts() -> dict[str, int]:

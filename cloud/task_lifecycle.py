@@ -324,9 +324,16 @@ class TaskLifecycle:
         return failed
 
     def republish(self) -> None:
-        """Put every announcement and referenced bundle back (a broker may have lost them)."""
+        """Put every announcement, referenced bundle and unconfirmed stop command back: after a
+        reconnect the broker may have lost them (amqtt restarts empty; Mosquitto saves every 100
+        changes, so a crash loses the last few)."""
         for task in Task.select():
             self.announce(task)
+        for task_id, device in self.selection.unconfirmed_stops():
+            stopped = Task.get_or_none(Task.id == task_id)
+            if stopped is not None and stopped.state != TaskState.RUNNING:
+                self.publisher.command(device, DeviceCommand(cmd="stop", task=task_id, revision=stopped.revision,
+                                                             reason="stopped (sent again after a reconnect)"))
         for digest in {t.bundle for t in Task.select(Task.bundle)}:
             if self.store.has(digest):
                 self.publisher.publish_bundle(digest)
