@@ -19,10 +19,12 @@ def dashboards(ctx: typer.Context,
                user_dir: Path = typer.Option(Path("fedmq-dashboards"), "--user-dir",
                                              help="Node-RED's folder (the flows are copied there at each start; "
                                                   "Node-RED is installed there with npm if need be).")) -> None:
-    """Run Node-RED with the fedmq dashboards against the broker."""
+    """Run Node-RED with the fedmq dashboards against the broker.  They speak as --caller (with
+    credentials in --broker: that user): a viewer identity watches, an operator also steers."""
     from fedmq.node_red import DashboardError, run_node_red
 
     try:
-        run_node_red(globals_of(ctx).broker_url, port, absolute(user_dir), console)
+        g = globals_of(ctx)
+        run_node_red(g.broker_url, port, absolute(user_dir), g.caller, console)
     except DashboardError as exc:
         fail(ExitCode.BAD_INPUT, str(exc))
