@@ -302,6 +302,37 @@ def test_device_info_with_wrong_types(bad_input_cloud: dict, client_factory: Any
     expect(ErrorCode.NOT_FOUND, lambda: client_factory(bad_input_cloud["url"], "dev-new").call("tasks", "request"))
 
 
+def test_nan_and_infinity_are_refused_and_json_lists_keep_working(bad_input_cloud: dict, client_factory: Any) -> None:
+    """One device's NaN (accepted over msgpack) once broke devices.list over JSON for everyone;
+    Infinity in a task's args did the same to tasks.list."""
+    url, digest = bad_input_cloud["url"], bad_input_cloud["digest"]
+    dev = client_factory(url, "dev-nan")  # msgpack, which can carry NaN
+    dev.call("devices", "update_info", {"info": DEVICE_INFO})
+    expect(ErrorCode.BAD_REQUEST, lambda: dev.call("devices", "update_info",
+                                                   {"info": {**DEVICE_INFO, "data_quantity": float("nan")}}))
+    expect(ErrorCode.BAD_REQUEST, lambda: bad_input_cloud["op"].call("tasks", "create", {
+        "name": "inf", "bundle": digest, "args": {"lr": float("inf")}}))
+    conn = MqttConnection(new_client_id("json-op"), url).start()
+    try:
+        json_op = RpcClient(conn, "operator", codec_name="json").start()
+        devices = json_op.all_items("devices", "list")
+        assert [d["info"]["data_quantity"] for d in devices if d["id"] == "dev-nan"] == [150]
+        assert json_op.all_items("tasks", "list") == []
+    finally:
+        conn.stop()
+
+
+def test_the_cloud_banner_never_shows_the_broker_password(embedded_broker: Any, tmp_path: Path) -> None:
+    url = embedded_broker.url.replace("mqtt://", "mqtt://cloud:hunter2-secret@")
+    proc = spawn_cloud(url, tmp_path / "home", new_client_id("cloud"), tmp_path / "cloud.log")
+    try:
+        banner = (tmp_path / "cloud.log").read_text()
+        assert "serving" in banner and " as cloud " in banner and "hunter2" not in banner, banner
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_one_failing_criterion_never_breaks_request(bad_input_cloud: dict, client_factory: Any) -> None:
     op, digest = bad_input_cloud["op"], bad_input_cloud["digest"]
     op.call("tasks", "create", {"name": "bad", "task": "bad", "bundle": digest, "criteria": "data_quantity > 'abc'",

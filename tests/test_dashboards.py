@@ -11,7 +11,9 @@ import signal
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,12 @@ import pytest
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.mosquitto import MosquittoProcess
 from fedmq.broker.net import free_port
+from fedmq.broker.roles import Role
+from fedmq.broker.rpc_client import RpcClient
+from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.bundle_client import push_folder
 from fedmq.demo import DemoCluster
 from fedmq.node_red import node_red_command
 
@@ -34,6 +41,32 @@ ROW = ("Array.from(document.querySelectorAll('.fedmq-tasks tr')).map(r => Array.
        ".find(cells => cells[0] === '{task}')")
 
 
+@contextmanager
+def node_red(url: str, caller: str, workdir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Node-RED with the fedmq flows, as ``caller``; yields it and the dashboard's base URL once it serves."""
+    port = free_port()
+    command, env = node_red_command(url, port, workdir, caller)
+    log_path = workdir.with_suffix(".log")
+    with log_path.open("w") as log:
+        red = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/fleet", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline and red.poll() is None, log_path.read_text()
+            time.sleep(0.3)
+        yield red, f"http://127.0.0.1:{port}/dashboard"
+    finally:
+        if red.poll() is None:
+            red.terminate()
+            red.wait(15)
+
+
 @pytest.fixture
 def fleet(mosquitto_broker: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     with DemoCluster(tmp_path / "demo", mosquitto_broker.url) as cluster:
@@ -42,27 +75,8 @@ def fleet(mosquitto_broker: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
         cluster.call("tasks", "create", {"name": "digits", "task": "C", "bundle": digest,
                                          "args": {"rounds": 8, "delay_s": 0.8}})
         cluster.call("tasks", "create", {"name": "digits-later", "task": "D", "bundle": digest, "args": {"rounds": 2}})
-        port = free_port()
-        command, env = node_red_command(cluster.url, port, tmp_path / "node-red")
-        log = (tmp_path / "node-red.log").open("w")
-        red = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 60
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/fleet", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.time() < deadline and red.poll() is None, (tmp_path / "node-red.log").read_text()
-                time.sleep(0.3)
-            yield {"cluster": cluster, "url": f"http://127.0.0.1:{port}/dashboard", "red": red}
-        finally:
-            if red.poll() is None:
-                red.terminate()
-                red.wait(15)
-            log.close()
+        with node_red(cluster.url, "operator", tmp_path / "node-red") as (red, base):
+            yield {"cluster": cluster, "url": base, "red": red}
 
 
 def test_dashboards_watch_and_steer(fleet: dict[str, Any]) -> None:
@@ -91,12 +105,7 @@ def test_dashboards_watch_and_steer(fleet: dict[str, Any]) -> None:
         browser.screenshot(ARTIFACTS / "run.png")
 
         browser.goto(f"{base}/tasks")
-        # Steer: pick the created task D and press Start.
-        browser.wait_for(ROW.format(task="D"), 30, "task D's row")
-        browser.js("Array.from(document.querySelectorAll('.fedmq-tasks tr')).find(r => r.cells[0] && "
-                   "r.cells[0].innerText === 'D').click()")
-        browser.wait_for("document.body.innerText.includes('selected: D')", 15, "the selection")
-        browser.js("document.querySelector('.fedmq-start button, button.fedmq-start').click()")
+        click_start(browser, "D")  # steer: pick the created task D and press Start
         browser.wait_for("document.body.innerText.includes('ok: D is running')", 30, "the reply to Start")
         browser.wait_for(f"(r => r && r[2] === 'running')({ROW.format(task='D')})", 30, "task D running")
         browser.screenshot(ARTIFACTS / "tasks-started.png")
@@ -129,3 +138,45 @@ def test_a_killed_node_red_or_malformed_commands_never_harm_the_cloud(fleet: dic
         assert codec.detect(b"{}") is codec.Codec.JSON
     finally:
         raw.stop()
+
+
+def click_start(browser: Browser, task: str) -> None:
+    browser.wait_for(ROW.format(task=task), 30, f"task {task}'s row")
+    browser.js("Array.from(document.querySelectorAll('.fedmq-tasks tr')).find(r => r.cells[0] && "
+               f"r.cells[0].innerText === '{task}').click()")
+    browser.wait_for(f"document.body.innerText.includes('selected: {task}')", 15, "the selection")
+    browser.js("document.querySelector('.fedmq-start button, button.fedmq-start').click()")
+
+
+def test_dashboards_connect_with_a_viewers_own_credentials(tmp_path: Path) -> None:
+    """On a broker with credentials the dashboards are an identity like any other: a viewer's
+    Node-RED logs in with its password and bound client id, watches, and is refused steering."""
+    admin = ("cloud", "admin-" + uuid.uuid4().hex[:8])
+    with MosquittoProcess(admin=admin, workdir=tmp_path / "broker") as mosq:
+        def url(name: str, password: str | None) -> str:
+            return f"mqtt://{name}:{password}@127.0.0.1:{mosq.port}"
+
+        cloud = CloudApp(CloudConfig(broker=url(*admin), home=tmp_path / "cloud", client_id="fedmq-cloud",
+                                     dynsec=True, allow_unsigned=True)).start()
+        conn = None
+        try:
+            viewer = cloud.identities.add("wall", Role.VIEWER)
+            op = cloud.identities.add("alice", Role.OPERATOR)
+            conn = MqttConnection(new_client_id("alice"), url("alice", op.password)).start()
+            alice = RpcClient(conn, "alice").start()
+            digest = push_folder(alice, Path(__file__).parent / "tasks" / "numpy_fl").manifest.digest
+            alice.call("tasks", "create", {"name": "wall-test", "task": "W", "bundle": digest})
+            with node_red(url("wall", viewer.password), "wall", tmp_path / "node-red") as (_red, base):
+                browser = Browser()
+                try:
+                    browser.goto(f"{base}/tasks")
+                    click_start(browser, "W")
+                    browser.wait_for("document.body.innerText.includes('forbidden: wall (role viewer) may not call "
+                                     "tasks.start')", 30, "the viewer's refusal")
+                finally:
+                    browser.close()
+            assert alice.call("tasks", "get", {"task": "W"})["state"] == "created"
+        finally:
+            if conn is not None:
+                conn.stop()
+            cloud.stop()

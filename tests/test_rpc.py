@@ -80,6 +80,14 @@ def test_unknown_method_and_service(rpc_stack: Stack) -> None:
     assert err.value.code is ErrorCode.TIMEOUT  # nobody serves it: a clear timeout, not a hang
 
 
+def test_a_method_name_no_service_could_have_is_answered_not_dropped(rpc_stack: Stack) -> None:
+    # A misspelt method typed into mosquitto_pub gets the list of methods, not silence.
+    reply_to, replies = inbox(rpc_stack)
+    raw_request(rpc_stack, {"id": "m1", "reply_to": reply_to}, topic="fedmq/v1/rpc/echo/__init__/tester")
+    _, reply = replies.get()
+    assert reply["error"]["code"] == "unknown_method" and "add" in reply["error"]["details"]["methods"]
+
+
 def test_handler_errors_carry_codes_but_never_traces(rpc_stack: Stack) -> None:
     with pytest.raises(RpcError) as err:
         rpc_stack.client.call("echo", "boom")
@@ -325,3 +333,62 @@ def test_asyncio_callers(rpc_stack: Stack) -> None:
     with pytest.raises(RpcError) as err:
         asyncio.run(failing())
     assert err.value.code is ErrorCode.INVALID_ARGS
+
+
+def test_a_reused_request_id_is_a_conflict_never_another_calls_answer(rpc_stack: Stack) -> None:
+    """An operator reusing id 4242 once got ``tasks.start``'s cached answer to ``tasks.stop``."""
+    reply_to, replies = inbox(rpc_stack)
+    raw_request(rpc_stack, {"id": "4242", "reply_to": reply_to, "args": {"a": 1}})
+    assert replies.get()[1]["result"] == 3
+    # The same id for another method is another request: it runs and gets its own answer.
+    raw_request(rpc_stack, {"id": "4242", "reply_to": reply_to, "args": {"key": "k4242"}},
+                topic="fedmq/v1/rpc/echo/count/tester")
+    assert replies.get()[1]["result"] == 1 and rpc_stack.state.runs["k4242"] == 1
+    # The same id and method with other arguments is refused, and nothing runs.
+    raw_request(rpc_stack, {"id": "4242", "reply_to": reply_to, "args": {"key": "other"}},
+                topic="fedmq/v1/rpc/echo/count/tester")
+    _, reply = replies.get()
+    assert reply["ok"] is False and reply["error"]["code"] == "conflict"
+    assert "use a new id per request" in reply["error"]["message"] and "other" not in rpc_stack.state.runs
+
+
+def test_the_reply_cache_is_bounded_in_bytes(rpc_stack: Stack) -> None:
+    """400 requests with large replies once grew a service by 222 MB."""
+    from fedmq.broker.reply_cache import MAX_BYTES
+
+    for _ in range(60):
+        assert len(rpc_stack.client.call("echo", "blob", {"size": 400_000})) == 400_000
+    entries, held = rpc_stack.server.replies.size
+    assert held <= MAX_BYTES and entries < 60
+
+
+def test_an_answer_too_big_for_the_broker_is_an_error_never_published(rpc_stack: Stack) -> None:
+    """An oversized reply once made the broker drop the service, and paho resent it forever."""
+    connects = rpc_stack.server_conn.connect_count
+    with pytest.raises(RpcError) as err:
+        rpc_stack.client.call("echo", "blob", {"size": 2_000_000})
+    assert err.value.code is ErrorCode.INTERNAL and "exceeds the reply limit" in err.value.message
+    assert rpc_stack.server.stats["oversized"] == 1
+    assert rpc_stack.client.call("echo", "add", {"a": 1}) == 3
+    assert rpc_stack.server_conn.connect_count == connects  # never dropped by the broker
+
+
+def test_deep_nesting_is_refused_without_a_traceback(rpc_stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A 100,000-deep JSON request once logged a RecursionError traceback."""
+    reply_to, replies = inbox(rpc_stack)
+    deep = "[" * 100_000 + "]" * 100_000
+    raw_request(rpc_stack, f'{{"id": "deep", "reply_to": "{reply_to}", "args": {{"a": {deep}}}}}'.encode())
+    shallow_enough = {"id": "d40", "reply_to": reply_to, "args": {"a": json.loads("[" * 40 + "]" * 40)}}
+    raw_request(rpc_stack, shallow_enough)
+    _, reply = replies.get()
+    assert reply["id"] == "d40" and reply["error"]["code"] == "bad_request" and "deeper" in reply["error"]["message"]
+    assert rpc_stack.client.call("echo", "add", {"a": 1}) == 3
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_values_json_cannot_carry_are_refused_at_the_door(rpc_stack: Stack, value: float) -> None:
+    """NaN accepted over msgpack once made every JSON caller's list fail to encode."""
+    with pytest.raises(RpcError) as err:
+        rpc_stack.client.call("echo", "add", {"a": 1, "b": value})  # the client speaks msgpack
+    assert err.value.code is ErrorCode.BAD_REQUEST and "args" in err.value.message
