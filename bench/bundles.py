@@ -1,6 +1,6 @@
 """A 10 MB bundle to 20 concurrent edges through Mosquitto, beside two baselines in the same run.
 
-    python bench/bundles.py [--size-mb 10] [--edges 20] [--chunk-kb 64]
+    .venv/bin/python -m bench.bundles [--size-mb 10] [--edges 20] [--chunk-kb 64]
 
 1. fedmq: the operator pushes the bundle (RPC upload, signed); the cloud publishes it as
    retained chunks; N edge processes fetch, verify (chunks, digest, signature) and unpack it.

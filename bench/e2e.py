@@ -1,6 +1,6 @@
 """End-to-end timings on a real Mosquitto, beside AGATA's published figures.
 
-    python bench/e2e.py [--repeats 3] [--idle-s 10]
+    .venv/bin/python -m bench.e2e [--repeats 3] [--idle-s 10]
 
 - start -> client: from ``tasks.start`` (the cloud's ``task_started``) to each device's client
   process started, and to its first training round reported;

@@ -1,7 +1,7 @@
 """``tasks.request`` throughput and latency with 1,000 registered devices and 50 running tasks
 with criteria, beside ``tasks.ping`` (the same RPC path doing no work) in the same run.
 
-    python bench/requests.py [--devices 1000] [--tasks 50] [--calls 5000]
+    .venv/bin/python -m bench.requests [--devices 1000] [--tasks 50] [--calls 5000]
 
 The cloud runs as its own process (``fedmq cloud``) on a Mosquitto of our own; the 50 tasks are
 real running tasks whose server entry point idles, so their Flower servers cost nothing here --

@@ -1,6 +1,6 @@
 """RPC latency and throughput, beside a raw paho QoS 1 round trip measured in the same run.
 
-    python bench/rpc.py [--calls 2000] [--throughput-calls 10000] [--brokers mosquitto,amqtt]
+    .venv/bin/python -m bench.rpc [--calls 2000] [--throughput-calls 10000] [--brokers mosquitto,amqtt]
 
 Prints one JSON document.  The baseline is what the broker and paho cost with nothing of fedmq
 in between: client A publishes QoS 1, client B answers QoS 1, A times the round trip -- both with
