@@ -68,9 +68,8 @@ class TaskService:
             raise InvalidTask(f"state must be one of {', '.join(TaskState)}")
         running = self.selection.running_counts()
         chosen = TaskState(state) if state is not None else None
-        rows = page(self.lifecycle.query(chosen, tag), limit, cursor)
-        rows["items"] = [{**task_view(t).to_wire(), "devices": running.get(t.id, 0)} for t in rows["items"]]
-        return rows
+        return page(self.lifecycle.query(chosen, tag), limit, cursor,
+                    lambda t: {**task_view(t).to_wire(), "devices": running.get(t.id, 0)})
 
     @rpc(roles=STEERING)
     def update(self, task: str, criteria: CriteriaText | None = None, args: dict[str, Any] | None = None,
