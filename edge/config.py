@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedmq.broker.connection import BrokerSettings
 from fedmq.broker.topics import DEFAULT_PREFIX
+from fedmq.broker.urls import with_absolute_files
 from fedmq.ftdl.paths import absolute
 
 _PATHS = ("work_dir", "data_dir")
@@ -52,6 +54,7 @@ class EdgeConfig:
         self.work_dir = absolute(self.work_dir)
         self.data_dir = absolute(self.data_dir) if self.data_dir is not None else None
         self.trusted_keys = [absolute(p) for p in self.trusted_keys]
+        self.broker = with_absolute_files(self.broker) if isinstance(self.broker, str) else self.broker
 
 
 def load_edge_config(file: Path | None, overrides: dict[str, Any]) -> EdgeConfig:
@@ -65,6 +68,8 @@ def load_edge_config(file: Path | None, overrides: dict[str, Any]) -> EdgeConfig
         for key in _PATHS:
             if isinstance(from_file.get(key), str):
                 from_file[key] = absolute(from_file[key], base)
+        if isinstance(from_file.get("broker"), str):  # ?ca=certs/ca.crt beside the file
+            from_file["broker"] = with_absolute_files(from_file["broker"], base)
         if isinstance(from_file.get("trusted_keys"), list):
             from_file["trusted_keys"] = [absolute(p, base) if isinstance(p, str) else p
                                          for p in from_file["trusted_keys"]]
@@ -85,4 +90,11 @@ def load_edge_config(file: Path | None, overrides: dict[str, Any]) -> EdgeConfig
     if not isinstance(trusted, list) or not all(isinstance(p, (str, Path)) for p in trusted):
         raise ValueError("trusted_keys must be a list of paths")
     values["trusted_keys"] = [absolute(p) for p in trusted]
-    return EdgeConfig(**values)
+    config = EdgeConfig(**values)
+    user = BrokerSettings.from_url(config.broker).username
+    if user is not None and user != config.device_id:
+        # The broker binds a device's topics to its username: as anyone else it would connect
+        # and then be refused every subscription and publish.
+        raise ValueError(f"the broker URL's user {user!r} is not this device {config.device_id!r}; "
+                         "use the URL from this device's config (fedmq device add prints it)")
+    return config

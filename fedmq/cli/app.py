@@ -14,6 +14,7 @@ import typer
 
 from fedmq import __version__
 from fedmq.broker.connection import BrokerSettings
+from fedmq.broker.urls import with_absolute_files
 from fedmq.cli import broker, bundle, call, cloud, dashboards, demo, device, edge, keys, operator, task
 from fedmq.cli.common import Globals, console
 
@@ -53,6 +54,7 @@ def main(ctx: typer.Context,
             caller = (BrokerSettings.from_url(broker_url).username if broker_url else None) or "operator"
         except ValueError:  # the command that connects says what is wrong with the URL
             caller = "operator"
+    broker_url = with_absolute_files(broker_url) if broker_url else broker_url
     ctx.obj = Globals(broker_url, caller, prefix, source is click.core.ParameterSource.COMMANDLINE)
 
 

@@ -48,7 +48,10 @@ def edge(ctx: typer.Context,
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
         labels[key] = value
-    overrides = dict(device_id=device_id, broker=g.broker, alternates=alternate, prefix=g.prefix, work_dir=work_dir,
+    # The device's config file names its own broker and credentials: an operator's FEDMQ_BROKER in
+    # the same shell must not replace them (a --broker typed on this command line still does).
+    broker = g.broker if g.broker_on_command_line or config is None else None
+    overrides = dict(device_id=device_id, broker=broker, alternates=alternate, prefix=g.prefix, work_dir=work_dir,
                      data_dir=data_dir, trusted_keys=trust, allow_unsigned=allow_unsigned, policy=policy,
                      recheck_interval_s=recheck_interval, report_interval_s=report_interval, labels=labels or None)
     try:
