@@ -124,10 +124,11 @@ class MqttConnection:
     def __init__(self, client_id: str, settings: BrokerSettings | str = DEFAULT_URL, *,
                  persistent: bool = False, will: Will | None = None,
                  will_factory: Callable[[], Will] | None = None,
-                 alternates: list[str] | None = None) -> None:
+                 alternates: list[str] | None = None, drops_expected: bool = False) -> None:
         """``will_factory`` is asked for a fresh last will before every (re)connect (presence
         with a session counter needs that); ``alternates`` are further broker URLs (host and port
-        are taken from them) tried in turn when a connection attempt fails."""
+        are taken from them) tried in turn when a connection attempt fails; ``drops_expected``
+        logs a lost connection as routine, not as a warning."""
         self.settings = BrokerSettings.from_url(settings) if isinstance(settings, str) else settings
         self.will_factory = will_factory
         self._endpoints = [(self.settings.host, self.settings.port)] + [
@@ -146,6 +147,7 @@ class MqttConnection:
         self._connect_failures = 0
         self._resubscribed = threading.Event()
         self._started = False
+        self._drop_level = logging.INFO if drops_expected else logging.WARNING
 
         protocol = MQTTProtocolVersion.MQTTv5 if self.settings.protocol == 5 else MQTTProtocolVersion.MQTTv311
         kwargs: dict[str, Any] = dict(callback_api_version=CallbackAPIVersion.VERSION2,
@@ -348,7 +350,7 @@ class MqttConnection:
                        _properties: Any) -> None:
         self.connected.clear()
         if self._started:
-            log.warning("%s lost the broker (%s); paho reconnects with backoff", self.client_id, reason)
+            log.log(self._drop_level, "%s lost the broker (%s); paho reconnects with backoff", self.client_id, reason)
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int, reason_codes: Any,
                       _properties: Any) -> None:

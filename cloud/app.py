@@ -7,15 +7,17 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmq.broker.connection import MqttConnection
+from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.dynsec import DynsecClient
+from fedmq.broker.presence import OFFLINE, Presence
 from fedmq.broker.roles import Role
 from fedmq.broker.rpc_server import RpcServer
 from fedmq.broker.topics import DEFAULT_PREFIX, Topics
+from fedmq.broker.urls import with_absolute_files
 from fedmq.cloud.broker_accounts import DynsecAccounts
 from fedmq.cloud.bundle_service import BundleService
 from fedmq.cloud.bundle_store import BundleStore
-from fedmq.cloud.db import open_database
+from fedmq.cloud.db import Device, open_database
 from fedmq.cloud.device_service import DeviceService
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.event_service import EventService
@@ -59,6 +61,7 @@ class CloudConfig:
         # and their run folders (logs, the saved model) must land under this home.
         self.home = absolute(self.home)
         self.trusted_keys = [absolute(p) for p in self.trusted_keys]
+        self.broker = with_absolute_files(self.broker)  # ?ca= is handed on to task servers
 
 
 class CloudApp:
@@ -86,6 +89,7 @@ class CloudApp:
         self.accounts = DynsecAccounts(DynsecClient(self.connection), config.prefix) if config.dynsec else OpenBroker()
         self.identities = IdentityRegistry(self.db, self.accounts, own={own: Role.SERVICE})
         self.own_identity = own
+        self.identities.revoked_listeners.append(self._on_revoked)
         self.selection = Selection(self.db, self.events)
         self.servers = ServerSupervisor(settings)
         self.history = RunHistory(self.home)
@@ -116,11 +120,9 @@ class CloudApp:
             self.connection.subscribe(self.topics.all_device_events(), self.inbound.on_device_event, qos=1,
                                       wait=False)
         self.server.start(wait=False)
-        self.connection.start(timeout=timeout)
         if isinstance(self.accounts, DynsecAccounts):
-            # The cloud's own topics, as a role of its own on the broker (once: the broker then
-            # reconnects us, and the subscriptions below wait for that).
-            self.accounts.ensure_own(self.own_identity, Role.SERVICE)
+            self._ensure_own_role(timeout)
+        self.connection.start(timeout=timeout)
         if "tasks" in self.config.services:
             failed = self.tasks.reconcile()
             if failed:
@@ -128,6 +130,24 @@ class CloudApp:
         self.connection.wait_subscribed(timeout)
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
+
+    def _on_revoked(self, name: str, role: Role) -> None:
+        """A revoked device is offline from that moment, for the registry and every dashboard."""
+        if role is Role.DEVICE:
+            device = Device.get_or_none(Device.id == name)
+            if device is not None and device.online:
+                self.publisher.presence(name, Presence(state=OFFLINE, session=device.session))
+
+    def _ensure_own_role(self, timeout: float) -> None:
+        """The cloud's own topics, as a role of its own on the broker -- set up over a short-lived
+        connection before the cloud's session connects: the broker disconnects every client whose
+        roles change, and that must not be the session (once; later starts find the role)."""
+        setup = MqttConnection(new_client_id("fedmq-cloud-setup"), self.config.broker, drops_expected=True)
+        try:
+            setup.start(timeout=timeout)
+            DynsecAccounts(DynsecClient(setup), self.config.prefix).ensure_own(self.own_identity, Role.SERVICE)
+        finally:
+            setup.stop()
 
     def _on_connect(self, session_present: bool) -> None:
         # A broker that restarted without persistence (amqtt) lost the retained announcements and

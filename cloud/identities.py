@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +77,7 @@ class IdentityRegistry:
         self._fixed = {**DEFAULT_ROLES, **(own or {})}
         self._roles: dict[str, Role] = {}
         self._lock = threading.Lock()
+        self.revoked_listeners: list[Callable[[str, Role], None]] = []
         self._load()
 
     def _load(self) -> None:
@@ -125,6 +127,8 @@ class IdentityRegistry:
         row.delete_instance()
         with self._lock:
             self._roles.pop(row.name, None)
+        for listener in self.revoked_listeners:
+            listener(row.name, Role(row.role))
 
     def _get(self, name: str) -> Principal:
         row = Principal.get_or_none(Principal.name == self._name(name))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
 from fedmq.broker.events import EventRecord, publish_event
+from fedmq.broker.presence import Presence
 from fedmq.broker.schema import DeviceCommand, TaskAnnouncement
 from fedmq.broker.topics import Topics
 from fedmq.cloud.bundle_store import BundleStore
@@ -31,6 +32,11 @@ class MqttPublisher:
     def announce(self, task_id: str, announcement: TaskAnnouncement | None) -> None:
         payload = b"" if announcement is None else codec.encode(announcement.model_dump(mode="json"), codec.Codec.JSON)
         self.connection.publish(self.topics.task(task_id), payload, qos=1, retain=True)
+
+    def presence(self, device: str, presence: Presence) -> None:
+        """The device's retained state, said by the cloud: a revoked device's last will is not
+        delivered (the broker checks it against ACLs that are already gone)."""
+        self.connection.publish(self.topics.device_state(device), presence.encode(), qos=1, retain=True)
 
     def command(self, device: str, command: DeviceCommand) -> None:
         self.connection.publish(self.topics.device_cmd(device),

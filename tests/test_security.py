@@ -28,6 +28,7 @@ from fedmq.broker.dynamic_security import DynamicSecurity
 from fedmq.broker.embedded import EmbeddedBroker
 from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.mosquitto import MosquittoProcess
+from fedmq.broker.presence import ONLINE, Presence
 from fedmq.broker.roles import Role
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import Topics
@@ -216,11 +217,21 @@ def test_revocation_disconnects_at_once_and_keeps_out(secured: Secured) -> None:
     creds = registry.add("dev-gone", Role.DEVICE)
     conn = secured.connect("dev-gone", creds.password, creds.clientid)
     assert conn.connected.is_set()
+    operator = secured.clients[Role.OPERATOR]
+    conn.publish(TOPICS.device_state("dev-gone"), Presence(state=ONLINE, session=1).encode(), qos=1,
+                 retain=True).wait_for_publish(5)
+
+    def online() -> bool | None:
+        return next((d["online"] for d in operator.all_items("devices", "list") if d["id"] == "dev-gone"), None)
+
+    _wait_for(lambda: online() is True, 10)
     registry.revoke("dev-gone")
     deadline = time.monotonic() + 5
     while conn.connected.is_set() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not conn.connected.is_set()
+    # Its last will is not delivered (its ACL is gone with it): the cloud says it is offline.
+    _wait_for(lambda: online() is False, 10)
     again = MqttConnection(creds.clientid or "x", secured.url_of("dev-gone", creds.password))
     with pytest.raises(BrokerUnavailable):
         again.start(timeout=2, fail_fast=True)
@@ -299,6 +310,38 @@ def test_events_count_only_under_the_devices_own_name(secured: Secured) -> None:
     kinds = [(e["kind"], e["device"]) for e in events if e["component"].startswith("edge.")]
     assert kinds == [("client_info", "dev-1")]  # the forgeries counted for nobody
     assert any(e["kind"] == "device_events_dropped" and e["device"] == "dev-1" for e in events)
+
+
+def test_a_device_flooding_big_events_never_knocks_the_cloud_off(secured: Secured) -> None:
+    """A device's flood of events once grew events.list past the broker's packet limit: the broker
+    cut the cloud off at every answer, for as long as it ran.  Now: size and rate per device,
+    pages bounded in bytes, and the cloud stays connected."""
+    operator, device = secured.clients[Role.OPERATOR], secured.clients[Role.DEVICE]
+    digest = push_folder(operator, TASK, key=secured.key).manifest.digest
+    operator.call("tasks", "create", {"name": "fl", "task": "fl", "bundle": digest})
+    topic = TOPICS.device_events("fl", "dev-1")
+    connects = secured.cloud.connection.connect_count
+    big = {"kind": "client_info", "data": {"note": "x" * 15_000}}  # just under the 16 KiB bound
+    for _ in range(3):
+        device.connection.publish(topic, codec.encode({"kind": "client_info", "data": {"note": "y" * 20_000}}),
+                                  qos=1).wait_for_publish(5)
+    for _ in range(400):
+        device.connection.publish(topic, codec.encode(big), qos=1)
+    device.connection.publish(topic, codec.encode(big), qos=1).wait_for_publish(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        events = operator.all_items("events", "list", {"task": "fl"})
+        if any(e["kind"] == "device_events_dropped" for e in events) and \
+                sum(e["kind"] == "client_info" for e in events) >= 200:
+            break
+        time.sleep(0.2)
+    kept = sum(e["kind"] == "client_info" for e in events)
+    assert 200 <= kept < 400  # the burst, plus what the rate refilled meanwhile; the rest dropped
+    assert any(e["kind"] == "device_events_dropped" and "16384" in e["data"]["reason"] for e in events)
+    first = operator.call("events", "list", {"task": "fl"})  # the default limit, 200 rows of 15 KB
+    assert 0 < len(first["items"]) < 200 and first["next"]  # a page ends at its byte budget
+    assert secured.cloud.connection.connect_count == connects  # never cut off by the broker
+    assert operator.call("events", "ping")["pong"] is True
 
 
 def test_a_task_gets_credentials_of_its_own(secured: Secured, tmp_path: Path) -> None:

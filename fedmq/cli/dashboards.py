@@ -19,8 +19,10 @@ def dashboards(ctx: typer.Context,
                user_dir: Path = typer.Option(Path("fedmq-dashboards"), "--user-dir",
                                              help="Node-RED's folder (the flows are copied there at each start; "
                                                   "Node-RED is installed there with npm if need be).")) -> None:
-    """Run Node-RED with the fedmq dashboards against the broker.  They speak as --caller (with
-    credentials in --broker: that user): a viewer identity watches, an operator also steers."""
+    """Run Node-RED with the fedmq dashboards against the broker.
+
+    They speak as --caller (default: the --broker URL's user): a viewer identity watches, an
+    operator also steers."""
     from fedmq.node_red import DashboardError, run_node_red
 
     try:
