@@ -238,7 +238,10 @@ def test_revocation_disconnects_at_once_and_keeps_out(secured: Secured) -> None:
     again.stop()
     # Rotation: the old password stops working, the new one works.
     creds = registry.add("dev-rot", Role.DEVICE)
+    live = secured.connect("dev-rot", creds.password, creds.clientid)
     fresh = registry.rotate("dev-rot")
+    _wait_for(lambda: not live.connected.is_set(), 5)  # closed at once, and cannot come back
+    live.stop()
     old = MqttConnection(creds.clientid or "x", secured.url_of("dev-rot", creds.password))
     with pytest.raises(BrokerUnavailable):
         old.start(timeout=2, fail_fast=True)
