@@ -4,7 +4,10 @@
     region in ["eu", "br"] and not info["battery_low"]
 
 Parsed once with ``ast`` (at create/update, so a bad criterion is refused with the position of
-the error) and evaluated by walking a small whitelist of node types -- never ``eval``.  There is
+the error), checked against a small whitelist of node types, and compiled into nested Python
+closures -- never ``eval``: selection evaluates every running task's criteria for every device
+request, and a closure tree costs a fraction of re-walking the syntax tree.  ``interpret`` walks
+the tree directly; it is the reference the compiled form is tested against.  There is
 no attribute access, no call outside ``has``/``get``/``len``/``lower``, no comprehension or lambda,
 and the size and depth of an expression are bounded.  A criterion that fails at evaluation (a
 type mismatch against one device's info) is simply false for that device.
@@ -77,17 +80,33 @@ def has_package(packages: Any, spec: str) -> bool:
     return isinstance(version, str) and _satisfies(spec, version)
 
 
+Facts = dict[str, Any]
+Compiled = Callable[[Facts], Any]
+_FAILURES = (_EvalError, TypeError, ValueError, KeyError, IndexError, RecursionError)
+
+
 @dataclass(frozen=True)
 class Criteria:
     source: str
     tree: ast.Expression | None
+    compiled: Compiled | None = None
 
-    def matches(self, info: dict[str, Any]) -> bool:
+    def matches(self, info: Facts) -> bool:
+        """A criterion that fails on this device's facts (a type mismatch) is false for it."""
+        if self.compiled is None:
+            return True
+        try:
+            return bool(self.compiled(info))
+        except _FAILURES:
+            return False
+
+    def interpret(self, info: Facts) -> bool:
+        """``matches`` by walking the tree: the reference semantics."""
         if self.tree is None:
             return True
         try:
             return bool(_evaluate(self.tree.body, info))
-        except (_EvalError, TypeError, ValueError, KeyError, IndexError, RecursionError):
+        except _FAILURES:
             return False
 
 
@@ -135,7 +154,7 @@ def parse_criteria(source: str) -> Criteria:
     except (RecursionError, MemoryError, ValueError):
         raise CriteriaError("expression too deeply nested") from None
     _check(tree, 0, [0])
-    return Criteria(source, tree)
+    return Criteria(source, tree, _compile(tree.body))
 
 
 def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
@@ -193,6 +212,95 @@ def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
             return args[0].lower()
         raise _EvalError(f"bad call to {name}")
     raise _EvalError(type(node).__name__)
+
+
+# --- the compiled form: the same semantics as _evaluate, decided once per node ---------------------
+def _compile(node: ast.AST) -> Compiled:  # noqa: C901 -- one branch per node type, as _evaluate
+    if isinstance(node, ast.BoolOp):
+        parts = [_compile(v) for v in node.values]
+        if isinstance(node.op, ast.And):
+            def all_of(info: Facts) -> Any:
+                result: Any = True
+                for part in parts:
+                    result = part(info)
+                    if not result:
+                        return result
+                return result
+            return all_of
+
+        def any_of(info: Facts) -> Any:
+            result: Any = False
+            for part in parts:
+                result = part(info)
+                if result:
+                    return result
+            return result
+        return any_of
+    if isinstance(node, ast.UnaryOp):
+        operand = _compile(node.operand)
+        if isinstance(node.op, ast.Not):
+            return lambda info: not operand(info)
+        return lambda info: -operand(info)
+    if isinstance(node, ast.Compare):
+        left_of = _compile(node.left)
+        steps = [(_COMPARE[type(op)], isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)), _compile(c))
+                 for op, c in zip(node.ops, node.comparators, strict=True)]
+
+        def compare(info: Facts) -> bool:
+            left = left_of(info)
+            for test, ordering, right_of in steps:
+                right = right_of(info)
+                if ordering and (left is None or right is None):
+                    return False  # an unknown fact never satisfies an ordering
+                if not test(left, right):
+                    return False
+                left = right
+            return True
+        return compare
+    if isinstance(node, ast.Name):
+        name = node.id
+        if name == "info":
+            return lambda info: info
+        return lambda info: info.get(name)
+    if isinstance(node, ast.Constant):
+        value = node.value
+        return lambda info: value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        elements = [_compile(e) for e in node.elts]
+        if all(isinstance(e, ast.Constant) for e in node.elts):
+            constant = [e.value for e in node.elts]  # type: ignore[attr-defined]
+            return lambda info: list(constant)
+        return lambda info: [e(info) for e in elements]
+    if isinstance(node, ast.Subscript):
+        container_of = _compile(node.value)
+        key = node.slice.value  # type: ignore[attr-defined]
+
+        def item(info: Facts) -> Any:
+            container = container_of(info)
+            if isinstance(container, dict):
+                return container.get(key)
+            if isinstance(container, list) and isinstance(key, int) and -len(container) <= key < len(container):
+                return container[key]
+            return None
+        return item
+    if isinstance(node, ast.Call):
+        return _compile_call(node.func.id, [_compile(a) for a in node.args])  # type: ignore[attr-defined]
+    raise CriteriaError(f"{type(node).__name__} is not allowed")  # _check refused it already
+
+
+def _compile_call(name: str, args: list[Compiled]) -> Compiled:
+    def call(info: Facts) -> Any:
+        values = [a(info) for a in args]
+        if name == "has" and len(values) == 1 and isinstance(values[0], str):
+            return has_package(info.get("packages"), values[0])
+        if name == "get" and 1 <= len(values) <= 2 and isinstance(values[0], str):
+            return info.get(values[0], values[1] if len(values) == 2 else None)
+        if name == "len" and len(values) == 1 and isinstance(values[0], (str, list, dict)):
+            return len(values[0])
+        if name == "lower" and len(values) == 1 and isinstance(values[0], str):
+            return values[0].lower()
+        raise _EvalError(f"bad call to {name}")
+    return call
 
 
 def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:

@@ -127,6 +127,7 @@ def check_criteria(case: tuple[str, dict[str, Any], dict[str, Any]]) -> None:
     except CriteriaError:
         return
     assert isinstance(criteria.matches(info), bool)
+    assert criteria.matches(info) == criteria.interpret(info)  # compiled == the reference walk
     met, reason = requirements_met(requirements, info)
     assert isinstance(met, bool) and isinstance(reason, str)
 

@@ -1,5 +1,7 @@
 """Selection criteria: AGATA-style expressions, evaluated without eval, hostile input refused."""
 
+import random
+
 import pytest
 
 from fedmq.cloud.criteria import CriteriaError, parse_criteria, requirements_met
@@ -79,3 +81,55 @@ def test_requirements() -> None:
     assert requirements_met({"accelerators": ["tpu"]}, INFO)[0] is False
     assert requirements_met({"python": ">=3.12"}, INFO)[0] is False
     assert requirements_met({"packages": ["flwr"]}, {"packages": "garbage"})[0] is False
+
+
+# --- the compiled form against the reference interpreter ------------------------------------------------
+FACTS = ["data_quantity", "memory_mb", "cpu_count", "region", "online", "missing", "battery", "labels"]
+VALUES: list[object] = [0, 1, 100, 150, 2048.0, -3, 2.5, "eu", "us", "", True, False, None, [1, 2], {"a": 1}]
+
+
+def _expression(rng: random.Random, depth: int = 0) -> str:
+    """A random criterion from the grammar (names, literals, comparisons, boolean logic, calls)."""
+    if depth > 3 or rng.random() < 0.3:
+        kind = rng.randrange(7)
+        fact = rng.choice(FACTS)
+        if kind == 0:
+            return f"{fact} {rng.choice(['==', '!=', '<', '<=', '>', '>='])} {rng.choice(VALUES)!r}"
+        if kind == 1:
+            return f"{fact} {rng.choice(['in', 'not in'])} {rng.sample(['eu', 'us', 'br', 1, None], 2)!r}"
+        if kind == 2:
+            return f'has("{rng.choice(["torch", "numpy", "flwr"])}{rng.choice(["", ">=2", "<2", "==2.4.6"])}")'
+        if kind == 3:
+            return f'get("{fact}", {rng.choice(VALUES)!r}) {rng.choice(["==", "<"])} {rng.choice(VALUES)!r}'
+        if kind == 4:
+            return f'len({fact}) >= {rng.randrange(3)}'
+        if kind == 5:
+            return f'info["labels"]["{rng.choice(["site", "x"])}"] == "lab"'
+        return f"{rng.randrange(-5, 200)} < {fact} <= {rng.randrange(0, 300)}"
+    op = rng.choice(["and", "or"])
+    parts = [_expression(rng, depth + 1) for _ in range(rng.randrange(2, 4))]
+    text = f" {op} ".join(f"({p})" for p in parts)
+    return f"not ({text})" if rng.random() < 0.2 else text
+
+
+def _device(rng: random.Random) -> dict[str, object]:
+    info = {fact: rng.choice(VALUES) for fact in FACTS if rng.random() < 0.7}
+    info["packages"] = {"torch": rng.choice(["2.13.0", "1.9", "x"]), "numpy": "2.4.6"}
+    if rng.random() < 0.5:
+        info["labels"] = {"site": rng.choice(["lab", "home"])}
+    return info
+
+
+def test_compiled_criteria_answer_as_the_reference_interpreter() -> None:
+    rng = random.Random(1234)
+    devices = [_device(rng) for _ in range(20)] + [INFO, {}]
+    expressions = 0
+    while expressions < 5000:
+        source = _expression(rng)
+        try:
+            criteria = parse_criteria(source)
+        except CriteriaError:
+            continue  # beyond the size bounds: refused alike
+        expressions += 1
+        for info in devices:
+            assert criteria.matches(info) == criteria.interpret(info), (source, info)
