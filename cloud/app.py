@@ -27,10 +27,11 @@ from fedmq.cloud.identity_service import IdentityService
 from fedmq.cloud.inbound import Inbound
 from fedmq.cloud.mqtt_publisher import MqttPublisher
 from fedmq.cloud.run_history import RunHistory
-from fedmq.cloud.selection import Selection
+from fedmq.cloud.selection import SNAPSHOT_TTL_S, Selection
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
 from fedmq.cloud.task_service import TaskService
+from fedmq.cloud.write_batch import MAX_DELAY_S, WriteBatcher
 from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE
 from fedmq.ftdl.paths import absolute
 from fedmq.ftdl.signing import TrustStore
@@ -50,6 +51,7 @@ class CloudConfig:
     require_signed: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     shared_group: str | None = None
+    write_delay_s: float = MAX_DELAY_S  # the group commit's wait for unanswered writes (presence)
     services: tuple[str, ...] = ALL_SERVICES
     flower_bind: str = "0.0.0.0"
     flower_advertise: str = "127.0.0.1"
@@ -90,12 +92,17 @@ class CloudApp:
         self.identities = IdentityRegistry(self.db, self.accounts, own={own: Role.SERVICE})
         self.own_identity = own
         self.identities.revoked_listeners.append(self._on_revoked)
-        self.selection = Selection(self.db, self.events)
+        # One group commit for the cloud's hot writes (offers, device info, presence).
+        self.batcher = WriteBatcher(self.db, max_delay_s=config.write_delay_s)
+        # Replicas share the database: what another one wrote is read again after a second.
+        self.selection = Selection(self.db, self.events, self.batcher,
+                                   cache_ttl_s=SNAPSHOT_TTL_S if config.shared_group else None)
         self.servers = ServerSupervisor(settings)
         self.history = RunHistory(self.home)
         self.tasks = TaskLifecycle(self.db, settings, self.store, self.publisher, self.events, self.selection,
                                    self.servers, self.history, self.identities)
-        self.registry = DeviceRegistry(self.db, self.events)
+        self.registry = DeviceRegistry(self.db, self.events, self.batcher)
+        self.registry.listeners.append(self.selection.device_changed)
         self.inbound = Inbound(self.registry, self.tasks, self.events)
         self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group,
                                 roles=self.identities.role_of)
@@ -168,6 +175,7 @@ class CloudApp:
             self.tasks.shutdown()
         self.connection.stop()
         self.server.stop()
+        self.batcher.close()  # what is queued is committed before the database closes
         self.db.close()
 
     def serve_forever(self) -> None:

@@ -215,7 +215,7 @@ def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
 
 
 # --- the compiled form: the same semantics as _evaluate, decided once per node ---------------------
-def _compile(node: ast.AST) -> Compiled:  # noqa: C901 -- one branch per node type, as _evaluate
+def _compile(node: ast.AST) -> Compiled:
     if isinstance(node, ast.BoolOp):
         parts = [_compile(v) for v in node.values]
         if isinstance(node.op, ast.And):

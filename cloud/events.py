@@ -36,9 +36,14 @@ class EventLog:
                              task=task, device=device, run=run, data=data or {})
         Event.create(ts=record.ts, component=record.component, kind=record.kind, task=task, device=device,
                      run=run, data=record.data)
-        if publish and self.publisher is not None:
-            self.publisher.event(record)
+        if publish:
+            self.publish(record)
         return record
+
+    def publish(self, record: EventRecord) -> None:
+        """On the broker: done after the commit when the row is written in a batch."""
+        if self.publisher is not None:
+            self.publisher.event(record)
 
     @staticmethod
     def query(task: str, run: int | None = None, kinds: tuple[str, ...] | None = None) -> ModelSelect[Event]:

@@ -1,8 +1,10 @@
 """Selection: which running tasks a device may run (criteria and requirements against what it
 reports), and the bookkeeping of who was offered and runs what, so a stop reaches them.
 
-Running tasks are held parsed in a snapshot, rebuilt when a task changes here and at least every
-``SNAPSHOT_TTL_S`` (another replica behind a shared subscription may have changed one).
+Running tasks are held parsed and compiled in a snapshot, rebuilt when a task changes here and at
+least every ``SNAPSHOT_TTL_S`` (another replica behind a shared subscription may have changed one).
+Device facts and device-task states are held in memory too, so a warm request touches the
+database only to record a first offer, in the cloud's group commit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +21,12 @@ from peewee import Database
 from fedmq.broker.events import EventKind
 from fedmq.broker.schema import ACTIVE_ON_DEVICE, DeviceTaskState, Offer, TaskState
 from fedmq.cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
-from fedmq.cloud.db import Device, Task, TaskDevice, write_transaction
+from fedmq.cloud.db import Device, Task, TaskDevice
 from fedmq.cloud.devices import flat_info
 from fedmq.cloud.errors import DeviceNotFound
 from fedmq.cloud.events import EventLog
 from fedmq.cloud.task_views import task_view
+from fedmq.cloud.write_batch import WriteBatcher
 
 log = logging.getLogger("fedmq.cloud.selection")
 SNAPSHOT_TTL_S = 1.0
@@ -37,17 +41,28 @@ class _Offerable:
 
 
 class Selection:
-    def __init__(self, db: Database, events: EventLog) -> None:
+    """``request`` reads nothing from the database once warm: device facts and who-stands-where
+    are held in memory, written through by every change (device info and presence through the
+    registry's listeners, offers and device steps here).  With ``cache_ttl_s`` (replicas behind a
+    shared subscription, which change them too) entries older than that are read again."""
+
+    def __init__(self, db: Database, events: EventLog, batcher: WriteBatcher | None = None,
+                 cache_ttl_s: float | None = None) -> None:
         self.db, self.events = db, events
+        self.batcher = batcher or WriteBatcher(db, max_delay_s=0)
+        self.cache_ttl_s = cache_ttl_s
         self._snapshot: list[_Offerable] = []
         self._snapshot_at = 0.0
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._facts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._known: dict[str, tuple[float, dict[str, DeviceTaskState]]] = {}
 
     def invalidate(self) -> None:
         self._snapshot_at = 0.0
 
     def _offerable(self) -> list[_Offerable]:
-        """Running tasks, parsed, by priority then age."""
+        """Running tasks, parsed and compiled, by priority then age."""
         with self._lock:
             if time.monotonic() - self._snapshot_at <= SNAPSHOT_TTL_S:
                 return self._snapshot
@@ -63,12 +78,48 @@ class Selection:
             self._snapshot, self._snapshot_at = snapshot, time.monotonic()
             return snapshot
 
-    def request(self, device_id: str) -> list[Offer]:
-        """The tasks ``device_id`` may run now, by priority then age; a first offer is recorded."""
+    # --- the caches ------------------------------------------------------------------------------
+    def _fresh(self, at: float) -> bool:
+        return self.cache_ttl_s is None or time.monotonic() - at <= self.cache_ttl_s
+
+    def device_changed(self, device: Device) -> None:
+        """The registry's listener: a device's info or presence, as committed."""
+        with self._cache_lock:
+            self._facts[device.id] = (time.monotonic(), flat_info(device))
+
+    def _facts_of(self, device_id: str) -> dict[str, Any]:
+        with self._cache_lock:
+            cached = self._facts.get(device_id)
+        if cached is not None and self._fresh(cached[0]):
+            return cached[1]
         device = Device.get_or_none(Device.id == device_id)
         if device is None:
             raise DeviceNotFound(f"unknown device {device_id!r}: report with devices.update_info first")
-        info = flat_info(device)
+        self.device_changed(device)
+        return flat_info(device)
+
+    def _known_of(self, device_id: str) -> dict[str, DeviceTaskState]:
+        with self._cache_lock:
+            cached = self._known.get(device_id)
+            if cached is not None and self._fresh(cached[0]):
+                return dict(cached[1])
+        rows = TaskDevice.select(TaskDevice.task, TaskDevice.state).where(TaskDevice.device == device_id)
+        known = {row.task: DeviceTaskState(row.state) for row in rows}
+        with self._cache_lock:
+            self._known[device_id] = (time.monotonic(), known)
+        return dict(known)
+
+    def _remember(self, task_id: str, device: str, state: DeviceTaskState) -> None:
+        with self._cache_lock:
+            cached = self._known.get(device)
+            if cached is not None:
+                cached[1][task_id] = state
+
+    # --- requests ---------------------------------------------------------------------------------
+    def request(self, device_id: str) -> list[Offer]:
+        """The tasks ``device_id`` may run now, by priority then age; a first offer is recorded
+        (committed before the answer leaves: an offer is never lost)."""
+        info = self._facts_of(device_id)
         offers = []
         for task in self._offerable():
             try:
@@ -78,40 +129,59 @@ class Selection:
                 log.exception("evaluating task %s for %s failed", task.id, device_id)
                 continue
             offers.append(task.offer)
-        known = {row.task: row.state for row in TaskDevice.select().where(TaskDevice.device == device_id)}
+        known = self._known_of(device_id)
         # A device that finished this run of a task is not offered it again (its client ends a
         # moment before the server does; rows are cleared when a new run starts).
         offers = [o for o in offers if known.get(o.id) != DeviceTaskState.DONE]
         # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         fresh = [o for o in offers if known.get(o.id) not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED)]
         if fresh:
-            with write_transaction(self.db):
+            offered = [o.id for o in offers]
+
+            def write() -> Callable[[], None]:
+                records = []
                 for offer in fresh:
-                    self.mark(offer.id, device_id, DeviceTaskState.OFFERED)
-                    self.events.record(EventKind.DEVICE_REQUESTED, task=offer.id, device=device_id,
-                                       data={"offered": [o.id for o in offers]})
+                    self._upsert(offer.id, device_id, DeviceTaskState.OFFERED)
+                    records.append(self.events.record(EventKind.DEVICE_REQUESTED, task=offer.id, device=device_id,
+                                                      data={"offered": offered}, publish=False))
+
+                def publish() -> None:
+                    for record in records:
+                        self.events.publish(record)
+                return publish
+
+            self.batcher.write(write)
+            for offer in fresh:
+                self._remember(offer.id, device_id, DeviceTaskState.OFFERED)
         return offers
 
+    # --- who stands where -------------------------------------------------------------------------
     @staticmethod
-    def mark(task_id: str, device: str, state: DeviceTaskState) -> None:
+    def _upsert(task_id: str, device: str, state: DeviceTaskState) -> None:
         now = time.time()
         TaskDevice.insert(task=task_id, device=device, state=state, updated=now).on_conflict(
             conflict_target=[TaskDevice.task, TaskDevice.device],
             update={TaskDevice.state: state, TaskDevice.updated: now}).execute()
 
-    @staticmethod
-    def take_active(task_id: str) -> list[str]:
+    def mark(self, task_id: str, device: str, state: DeviceTaskState) -> None:
+        self._upsert(task_id, device, state)
+        self._remember(task_id, device, state)
+
+    def take_active(self, task_id: str) -> list[str]:
         """The devices offered or running ``task_id``, now marked stopping (a stop must reach them;
         their own client_stopped, client_finished or client_error confirms it)."""
         active = (TaskDevice.task == task_id) & TaskDevice.state.in_(ACTIVE_ON_DEVICE)
-        devices = [row.device for row in TaskDevice.select(TaskDevice.device).where(active)]
+        rows = list(TaskDevice.select(TaskDevice.device, TaskDevice.state).where(active))
         now = time.time()
         # Only a running client confirms a stop; an offer not taken up yet simply lapses (the
         # retained announcement also tells a device that started meanwhile to stop).
         TaskDevice.update(state=DeviceTaskState.STOPPING, updated=now).where(
             active & (TaskDevice.state == DeviceTaskState.RUNNING)).execute()
         TaskDevice.update(state=DeviceTaskState.STOPPED, updated=now).where(active).execute()
-        return devices
+        for row in rows:
+            running = row.state == DeviceTaskState.RUNNING
+            self._remember(task_id, row.device, DeviceTaskState.STOPPING if running else DeviceTaskState.STOPPED)
+        return [row.device for row in rows]
 
     @staticmethod
     def unconfirmed_stops() -> list[tuple[str, str]]:
@@ -126,6 +196,8 @@ class Selection:
             counts[row.task] = counts.get(row.task, 0) + 1
         return counts
 
-    @staticmethod
-    def forget(task_id: str) -> None:
+    def forget(self, task_id: str) -> None:
         TaskDevice.delete().where(TaskDevice.task == task_id).execute()
+        with self._cache_lock:
+            for _, known in self._known.values():
+                known.pop(task_id, None)

@@ -87,12 +87,12 @@ def client_factory(tmp_path: Path) -> Iterator[Any]:
         conn.stop()
 
 
-def spawn_cloud(url: str, home: Path, client_id: str, log_path: Path) -> subprocess.Popen:
+def spawn_cloud(url: str, home: Path, client_id: str, log_path: Path, *flags: str) -> subprocess.Popen:
     """``fedmq cloud`` as its own process, returned once it says it is serving."""
     log_path.write_text("")
     with log_path.open("a") as log:
         proc = subprocess.Popen([*FEDMQ, "--broker", url, "cloud", "--home", str(home), "--client-id", client_id,
-                                 "--allow-unsigned"],
+                                 "--allow-unsigned", *flags],
                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while "serving" not in log_path.read_text():

@@ -37,7 +37,10 @@ def cloud(ctx: typer.Context,
           flower_advertise: str = typer.Option("127.0.0.1", help="Host devices use to reach Flower servers."),
           client_id: str = typer.Option("fedmq-cloud", help="MQTT client id (persistent session)."),
           shared_group: str | None = typer.Option(None, show_default=False, help="Share requests with other "
-                                                  "replicas through $share/<group>/ (Mosquitto, EMQX, ...).")) -> None:
+                                                  "replicas through $share/<group>/ (Mosquitto, EMQX, ...)."),
+          write_delay_ms: float = typer.Option(5.0, min=0, max=10_000,
+                                               help="Presence updates wait up to this long to share one "
+                                                    "transaction (answered writes never wait).")) -> None:
     """Run the cloud services in the foreground (all in one process by default)."""
     from fedmq.cloud.app import CloudApp, CloudConfig
 
@@ -45,7 +48,7 @@ def cloud(ctx: typer.Context,
     chosen = {"services": tuple(s.strip() for s in services.split(",") if s.strip())} if services else {}
     config = CloudConfig(broker=g.broker_url, prefix=g.prefix or DEFAULT_PREFIX, home=home, db=db,
                          client_id=client_id, trusted_keys=trusted_key, require_signed=require_signed,
-                         chunk_size=chunk_size, shared_group=shared_group,
+                         chunk_size=chunk_size, shared_group=shared_group, write_delay_s=write_delay_ms / 1000,
                          **chosen,
                          flower_bind=flower_bind, flower_advertise=flower_advertise,
                          allow_unsigned=allow_unsigned, dynsec=dynsec)
