@@ -1,7 +1,7 @@
 """``tasks.request`` throughput and latency with 1,000 registered devices and 50 running tasks
 with criteria, beside ``tasks.ping`` (the same RPC path doing no work) in the same run.
 
-    .venv/bin/python -m bench.requests [--devices 1000] [--tasks 50] [--calls 5000]
+    .venv/bin/python -m bench.requests [--sizes 1000x50,10000x200] [--calls 5000]
 
 The cloud runs as its own process (``fedmq cloud``) on a Mosquitto of our own; the 50 tasks are
 real running tasks whose server entry point idles, so their Flower servers cost nothing here --
@@ -75,13 +75,8 @@ def timed_calls(clients: list[RpcClient], method: str, calls: int, threads: int)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--tasks", type=int, default=50)
-    parser.add_argument("--calls", type=int, default=5000)
-    parser.add_argument("--threads", type=int, default=16)
-    opts = parser.parse_args()
+def run_size(devices: int, tasks: int, calls: int, threads: int) -> dict[str, Any]:
+    """One cloud, one Mosquitto, ``devices`` registered and ``tasks`` running: ping, then request."""
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-requests-"))
     mosq = MosquittoProcess().start()
     log = (work / "cloud.log").open("w")
@@ -102,35 +97,61 @@ def main() -> None:
         conns.append(op_conn)
         op = RpcClient(op_conn, "operator").start()
         digest = push_folder(op, task_dir).manifest.digest
-        for k in range(opts.tasks):
+        for k in range(tasks):
             op.call("tasks", "create", {"name": f"t{k}", "task": f"t{k}", "bundle": digest,
                                         "criteria": criteria_for(k), "priority": k % 7})
             op.call("tasks", "start", {"task": f"t{k}"}, timeout=30)
         per_conn = 100
         clients: list[RpcClient] = []
-        for i in range(opts.devices):
+        started = time.perf_counter()
+        for i in range(devices):
             if i % per_conn == 0:
                 conns.append(MqttConnection(new_client_id("devs"), mosq.url).start())
-            client = RpcClient(conns[-1], f"dev-{i}").start()
-            client.call("devices", "update_info", {"info": device_info(i)})
-            clients.append(client)
-        report = {"bench": "requests", "devices": opts.devices, "running_tasks": opts.tasks,
-                  "ping_baseline": timed_calls(clients, "ping", opts.calls // 2, opts.threads),
-                  "request": timed_calls(clients, "request", opts.calls, opts.threads)}
-        report["request_p50_over_ping_p50"] = round(report["request"]["p50_ms"] / report["ping_baseline"]["p50_ms"], 2)
-        print(json.dumps(report, indent=2))
+            clients.append(RpcClient(conns[-1], f"dev-{i}").start())
+        # Registration as a fleet does it: many devices at once (16 callers), not one by one.
+        chunks = [clients[t::threads] for t in range(threads)]
+        run_threads([threading.Thread(target=lambda cs=cs: [c.call("devices", "update_info",
+                                                                   {"info": device_info(int(c.caller[4:]))},
+                                                                   timeout=60) for c in cs])
+                     for cs in chunks])
+        register_s = time.perf_counter() - started
+        report: dict[str, Any] = {"devices": devices, "running_tasks": tasks, "register_s": round(register_s, 1),
+                                  "ping_baseline": timed_calls(clients, "ping", calls // 2, threads),
+                                  "request": timed_calls(clients, "request", calls, threads)}
+        ping, request = report["ping_baseline"], report["request"]
+        report["request_over_ping"] = {"throughput": round(request["calls_per_s"] / ping["calls_per_s"], 2),
+                                       "p50": round(request["p50_ms"] / ping["p50_ms"], 2),
+                                       "p99": round(request["p99_ms"] / ping["p99_ms"], 2)}
+        return report
     finally:
         for conn in conns:
             conn.stop()
         cloud.terminate()
         try:
-            cloud.wait(30)
+            cloud.wait(60)
         except subprocess.TimeoutExpired:
             cloud.kill()
         log.close()
         mosq.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="1000x50",
+                        help="DEVICESxTASKS, comma-separated; each in a fresh cloud and broker, e.g. 1000x50,10000x200")
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=16)
+    opts = parser.parse_args()
+    sizes = [tuple(int(n) for n in size.split("x")) for size in opts.sizes.split(",")]
+    runs = [run_size(devices, tasks, opts.calls, opts.threads) for devices, tasks in sizes]
+    report: dict[str, Any] = {"bench": "requests", "runs": runs}
+    if len(runs) > 1:  # the cost must not grow with the fleet: largest against smallest
+        first, last = runs[0]["request"], runs[-1]["request"]
+        report["largest_over_smallest"] = {"throughput": round(last["calls_per_s"] / first["calls_per_s"], 2),
+                                           "p50": round(last["p50_ms"] / first["p50_ms"], 2),
+                                           "p99": round(last["p99_ms"] / first["p99_ms"], 2)}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

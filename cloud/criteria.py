@@ -200,17 +200,7 @@ def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
             return container[key]
         return None
     if isinstance(node, ast.Call):
-        name = node.func.id  # type: ignore[attr-defined]
-        args = [_evaluate(a, info) for a in node.args]
-        if name == "has" and len(args) == 1 and isinstance(args[0], str):
-            return has_package(info.get("packages"), args[0])
-        if name == "get" and 1 <= len(args) <= 2 and isinstance(args[0], str):
-            return info.get(args[0], args[1] if len(args) == 2 else None)
-        if name == "len" and len(args) == 1 and isinstance(args[0], (str, list, dict)):
-            return len(args[0])
-        if name == "lower" and len(args) == 1 and isinstance(args[0], str):
-            return args[0].lower()
-        raise _EvalError(f"bad call to {name}")
+        return _call(node.func.id, [_evaluate(a, info) for a in node.args], info)  # type: ignore[attr-defined]
     raise _EvalError(type(node).__name__)
 
 
@@ -289,18 +279,20 @@ def _compile(node: ast.AST) -> Compiled:
 
 
 def _compile_call(name: str, args: list[Compiled]) -> Compiled:
-    def call(info: Facts) -> Any:
-        values = [a(info) for a in args]
-        if name == "has" and len(values) == 1 and isinstance(values[0], str):
-            return has_package(info.get("packages"), values[0])
-        if name == "get" and 1 <= len(values) <= 2 and isinstance(values[0], str):
-            return info.get(values[0], values[1] if len(values) == 2 else None)
-        if name == "len" and len(values) == 1 and isinstance(values[0], (str, list, dict)):
-            return len(values[0])
-        if name == "lower" and len(values) == 1 and isinstance(values[0], str):
-            return values[0].lower()
-        raise _EvalError(f"bad call to {name}")
-    return call
+    return lambda info: _call(name, [a(info) for a in args], info)
+
+
+def _call(name: str, args: list[Any], info: Facts) -> Any:
+    """The four functions criteria may call, on evaluated arguments."""
+    if name == "has" and len(args) == 1 and isinstance(args[0], str):
+        return has_package(info.get("packages"), args[0])
+    if name == "get" and 1 <= len(args) <= 2 and isinstance(args[0], str):
+        return info.get(args[0], args[1] if len(args) == 2 else None)
+    if name == "len" and len(args) == 1 and isinstance(args[0], (str, list, dict)):
+        return len(args[0])
+    if name == "lower" and len(args) == 1 and isinstance(args[0], str):
+        return args[0].lower()
+    raise _EvalError(f"bad call to {name}")
 
 
 def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:

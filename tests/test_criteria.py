@@ -91,21 +91,17 @@ VALUES: list[object] = [0, 1, 100, 150, 2048.0, -3, 2.5, "eu", "us", "", True, F
 def _expression(rng: random.Random, depth: int = 0) -> str:
     """A random criterion from the grammar (names, literals, comparisons, boolean logic, calls)."""
     if depth > 3 or rng.random() < 0.3:
-        kind = rng.randrange(7)
         fact = rng.choice(FACTS)
-        if kind == 0:
-            return f"{fact} {rng.choice(['==', '!=', '<', '<=', '>', '>='])} {rng.choice(VALUES)!r}"
-        if kind == 1:
-            return f"{fact} {rng.choice(['in', 'not in'])} {rng.sample(['eu', 'us', 'br', 1, None], 2)!r}"
-        if kind == 2:
-            return f'has("{rng.choice(["torch", "numpy", "flwr"])}{rng.choice(["", ">=2", "<2", "==2.4.6"])}")'
-        if kind == 3:
-            return f'get("{fact}", {rng.choice(VALUES)!r}) {rng.choice(["==", "<"])} {rng.choice(VALUES)!r}'
-        if kind == 4:
-            return f'len({fact}) >= {rng.randrange(3)}'
-        if kind == 5:
-            return f'info["labels"]["{rng.choice(["site", "x"])}"] == "lab"'
-        return f"{rng.randrange(-5, 200)} < {fact} <= {rng.randrange(0, 300)}"
+        leaves = [
+            lambda: f"{fact} {rng.choice(['==', '!=', '<', '<=', '>', '>='])} {rng.choice(VALUES)!r}",
+            lambda: f"{fact} {rng.choice(['in', 'not in'])} {rng.sample(['eu', 'us', 'br', 1, None], 2)!r}",
+            lambda: f'has("{rng.choice(["torch", "numpy", "flwr"])}{rng.choice(["", ">=2", "<2", "==2.4.6"])}")',
+            lambda: f'get("{fact}", {rng.choice(VALUES)!r}) {rng.choice(["==", "<"])} {rng.choice(VALUES)!r}',
+            lambda: f"len({fact}) >= {rng.randrange(3)}",
+            lambda: f'info["labels"]["{rng.choice(["site", "x"])}"] == "lab"',
+            lambda: f"{rng.randrange(-5, 200)} < {fact} <= {rng.randrange(0, 300)}",
+        ]
+        return rng.choice(leaves)()
     op = rng.choice(["and", "or"])
     parts = [_expression(rng, depth + 1) for _ in range(rng.randrange(2, 4))]
     text = f" {op} ".join(f"({p})" for p in parts)
