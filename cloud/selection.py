@@ -18,7 +18,7 @@ from typing import Any
 
 from peewee import Database
 
-from fedmq.broker.events import EventKind
+from fedmq.broker.events import EventKind, EventRecord
 from fedmq.broker.schema import ACTIVE_ON_DEVICE, DeviceTaskState, Offer, TaskState
 from fedmq.cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
 from fedmq.cloud.db import Device, Task, TaskDevice
@@ -57,6 +57,7 @@ class Selection:
         self._cache_lock = threading.Lock()
         self._facts: dict[str, tuple[float, dict[str, Any]]] = {}
         self._known: dict[str, tuple[float, dict[str, DeviceTaskState]]] = {}
+        self._all_known = False
 
     def invalidate(self) -> None:
         self._snapshot_at = 0.0
@@ -99,6 +100,15 @@ class Selection:
         return flat_info(device)
 
     def _known_of(self, device_id: str) -> dict[str, DeviceTaskState]:
+        """One cloud: every row is read once (one query), then kept by write-through.  Replicas:
+        per device, read again once older than cache_ttl_s."""
+        if self.cache_ttl_s is None:
+            with self._cache_lock:
+                if not self._all_known:
+                    for row in TaskDevice.select(TaskDevice.task, TaskDevice.device, TaskDevice.state):
+                        self._known.setdefault(row.device, (0.0, {}))[1][row.task] = DeviceTaskState(row.state)
+                    self._all_known = True
+                return dict(self._known.get(device_id, (0.0, {}))[1])
         with self._cache_lock:
             cached = self._known.get(device_id)
             if cached is not None and self._fresh(cached[0]):
@@ -112,6 +122,8 @@ class Selection:
     def _remember(self, task_id: str, device: str, state: DeviceTaskState) -> None:
         with self._cache_lock:
             cached = self._known.get(device)
+            if cached is None and self._all_known:
+                cached = self._known[device] = (0.0, {})
             if cached is not None:
                 cached[1][task_id] = state
 
@@ -139,11 +151,10 @@ class Selection:
             offered = [o.id for o in offers]
 
             def write() -> Callable[[], None]:
-                records = []
-                for offer in fresh:
-                    self._upsert(offer.id, device_id, DeviceTaskState.OFFERED)
-                    records.append(self.events.record(EventKind.DEVICE_REQUESTED, task=offer.id, device=device_id,
-                                                      data={"offered": offered}, publish=False))
+                self._upsert([offer.id for offer in fresh], device_id, DeviceTaskState.OFFERED)
+                records = self.events.record_many([EventRecord(
+                    ts=time.time(), component=self.events.component, kind=EventKind.DEVICE_REQUESTED, task=offer.id,
+                    device=device_id, data={"offered": offered}) for offer in fresh])
 
                 def publish() -> None:
                     for record in records:
@@ -157,14 +168,16 @@ class Selection:
 
     # --- who stands where -------------------------------------------------------------------------
     @staticmethod
-    def _upsert(task_id: str, device: str, state: DeviceTaskState) -> None:
+    def _upsert(task_ids: list[str], device: str, state: DeviceTaskState) -> None:
+        """One statement for all of a device's rows (a first request offers ~15 tasks at once)."""
         now = time.time()
-        TaskDevice.insert(task=task_id, device=device, state=state, updated=now).on_conflict(
+        rows = [{"task": t, "device": device, "state": state, "updated": now} for t in task_ids]
+        TaskDevice.insert_many(rows).on_conflict(
             conflict_target=[TaskDevice.task, TaskDevice.device],
             update={TaskDevice.state: state, TaskDevice.updated: now}).execute()
 
     def mark(self, task_id: str, device: str, state: DeviceTaskState) -> None:
-        self._upsert(task_id, device, state)
+        self._upsert([task_id], device, state)
         self._remember(task_id, device, state)
 
     def take_active(self, task_id: str) -> list[str]:
