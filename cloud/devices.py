@@ -43,7 +43,7 @@ class DeviceRegistry:
     def __init__(self, db: Database, events: EventLog, batcher: WriteBatcher | None = None) -> None:
         self.db, self.events = db, events
         self.batcher = batcher or WriteBatcher(db, max_delay_s=0)
-        self.listeners: list[Callable[[Device], None]] = []
+        self.listeners: list[Callable[[Device], object]] = []
 
     def _changed(self, device: Device) -> AfterCommit:
         def notify() -> None:

@@ -83,10 +83,12 @@ class Selection:
     def _fresh(self, at: float) -> bool:
         return self.cache_ttl_s is None or time.monotonic() - at <= self.cache_ttl_s
 
-    def device_changed(self, device: Device) -> None:
-        """The registry's listener: a device's info or presence, as committed."""
+    def device_changed(self, device: Device) -> dict[str, Any]:
+        """The registry's listener: a device's info or presence, as committed; its facts."""
+        facts = flat_info(device)
         with self._cache_lock:
-            self._facts[device.id] = (time.monotonic(), flat_info(device))
+            self._facts[device.id] = (time.monotonic(), facts)
+        return facts
 
     def _facts_of(self, device_id: str) -> dict[str, Any]:
         with self._cache_lock:
@@ -96,8 +98,7 @@ class Selection:
         device = Device.get_or_none(Device.id == device_id)
         if device is None:
             raise DeviceNotFound(f"unknown device {device_id!r}: report with devices.update_info first")
-        self.device_changed(device)
-        return flat_info(device)
+        return self.device_changed(device)
 
     def _known_of(self, device_id: str) -> dict[str, DeviceTaskState]:
         """One cloud: every row is read once (one query), then kept by write-through.  Replicas:
