@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from fedmq.broker.events import EventRecord
+from fedmq.broker.presence import Presence
 from fedmq.broker.schema import DeviceCommand, TaskAnnouncement
 from fedmq.ftdl.bundle import BundleManifest
 
@@ -20,6 +21,9 @@ class Publisher(Protocol):
 
     def command(self, device: str, command: DeviceCommand) -> None:
         """Send a command to one device (queued for it while it is away)."""
+
+    def presence(self, device: str, presence: Presence) -> None:
+        """Retain a device's state in its place (a revoked device's last will never comes)."""
 
     def event(self, record: EventRecord) -> None:
         """Publish an event for live watchers (it is recorded separately)."""
