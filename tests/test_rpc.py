@@ -14,7 +14,9 @@ import pytest
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.envelope import ErrorCode, RpcError
+from fedmq.broker.roles import Role
 from fedmq.broker.rpc_client import RpcClient
+from fedmq.broker.rpc_server import RpcServer, rpc
 from fedmq.broker.topics import Topics
 
 from conftest import Inbox, Stack
@@ -392,3 +394,47 @@ def test_values_json_cannot_carry_are_refused_at_the_door(rpc_stack: Stack, valu
     with pytest.raises(RpcError) as err:
         rpc_stack.client.call("echo", "add", {"a": 1, "b": value})  # the client speaks msgpack
     assert err.value.code is ErrorCode.BAD_REQUEST and "args" in err.value.message
+
+
+class _Slow:
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.lock = threading.Lock()
+
+    @rpc(roles=frozenset({Role.DEVICE}))
+    def work(self) -> int:
+        time.sleep(0.2)
+        with self.lock:
+            self.done += 1
+        return self.done
+
+    @rpc(roles=frozenset({Role.OPERATOR}))
+    def look(self) -> int:
+        return self.done
+
+
+def test_an_operator_never_queues_behind_a_fleet(mosquitto_broker: Any) -> None:
+    """When the whole fleet asks at once, an operator's call is served beside it, not after it."""
+    service = _Slow()
+    server_conn = MqttConnection(new_client_id("svc"), mosquitto_broker.url).start()
+    server = RpcServer(server_conn, roles=lambda caller: Role.OPERATOR if caller == "alice" else Role.DEVICE)
+    server.add(service)
+    server.start()
+    conns = [MqttConnection(new_client_id("c"), mosquitto_broker.url).start() for _ in range(2)]
+    try:
+        devices = [RpcClient(conns[0], f"dev-{i}").start() for i in range(80)]
+        pending = [d.call_future("slow", "work", timeout=60) for d in devices]  # 80 x 0.2 s on 8 workers
+        time.sleep(0.3)  # the backlog is queued
+        seen = RpcClient(conns[1], "alice").start().call("slow", "look", timeout=30)
+        # Behind the fleet (one queue) it would be answered only once 72 of the 80 had finished.
+        assert seen < 40
+        for call in pending:
+            call.future.result(60)
+        assert service.done == 80
+    finally:
+        for conn in conns:
+            conn.stop()
+        server_conn.stop()
+        server.stop()
