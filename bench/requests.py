@@ -19,6 +19,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,39 @@ IDLE_TASK = {
     "client.py": "print('idle client')\n",
 }
 REGIONS = ["eu", "us", "br", "asia"]
+
+
+@contextmanager
+def bench_cloud(broker_url: str, work: Path, client_id: str, stop_timeout: float = 60) -> Iterator[subprocess.Popen]:
+    """``fedmq cloud`` in its own process, as an operator runs it; yielded once it serves, and
+    stopped (SIGTERM, then SIGKILL after ``stop_timeout``) afterwards."""
+    log = (work / "cloud.log").open("w")
+    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", broker_url, "cloud", "--allow-unsigned",
+                              "--home", str(work / "cloud"), "--client-id", client_id],
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while "serving" not in (work / "cloud.log").read_text():
+            if time.time() > deadline or cloud.poll() is not None:
+                raise RuntimeError((work / "cloud.log").read_text())
+            time.sleep(0.1)
+        yield cloud
+    finally:
+        cloud.terminate()
+        try:
+            cloud.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            cloud.kill()
+        log.close()
+
+
+def idle_task(work: Path) -> Path:
+    """The idle task's folder (its server entry point sleeps: selection is what is measured)."""
+    task_dir = work / "idle"
+    task_dir.mkdir()
+    for name, text in IDLE_TASK.items():
+        (task_dir / name).write_text(text)
+    return task_dir
 
 
 def criteria_for(k: int) -> str:
@@ -79,20 +114,20 @@ def run_size(devices: int, tasks: int, calls: int, threads: int) -> dict[str, An
     """One cloud, one Mosquitto, ``devices`` registered and ``tasks`` running: ping, then request."""
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-requests-"))
     mosq = MosquittoProcess().start()
-    log = (work / "cloud.log").open("w")
-    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", mosq.url, "cloud", "--allow-unsigned", "--home",
-                              str(work / "cloud"), "--client-id", "bench-cloud"], stdout=log, stderr=subprocess.STDOUT)
     conns: list[MqttConnection] = []
     try:
-        deadline = time.time() + 30
-        while "serving" not in (work / "cloud.log").read_text():
-            if time.time() > deadline or cloud.poll() is not None:
-                raise RuntimeError((work / "cloud.log").read_text())
-            time.sleep(0.1)
-        task_dir = work / "idle"
-        task_dir.mkdir()
-        for name, text in IDLE_TASK.items():
-            (task_dir / name).write_text(text)
+        return _measure(mosq, work, conns, devices, tasks, calls, threads)
+    finally:
+        for conn in conns:
+            conn.stop()
+        mosq.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(mosq: MosquittoProcess, work: Path, conns: list[MqttConnection], devices: int, tasks: int,
+             calls: int, threads: int) -> dict[str, Any]:
+    with bench_cloud(mosq.url, work, "bench-cloud"):
+        task_dir = idle_task(work)
         op_conn = MqttConnection(new_client_id("op"), mosq.url).start()
         conns.append(op_conn)
         op = RpcClient(op_conn, "operator").start()
@@ -123,17 +158,6 @@ def run_size(devices: int, tasks: int, calls: int, threads: int) -> dict[str, An
                                        "p50": round(request["p50_ms"] / ping["p50_ms"], 2),
                                        "p99": round(request["p99_ms"] / ping["p99_ms"], 2)}
         return report
-    finally:
-        for conn in conns:
-            conn.stop()
-        cloud.terminate()
-        try:
-            cloud.wait(60)
-        except subprocess.TimeoutExpired:
-            cloud.kill()
-        log.close()
-        mosq.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import resource
 import selectors
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 
-from bench.requests import IDLE_TASK, criteria_for, device_info
+from bench.requests import bench_cloud, criteria_for, device_info, idle_task
 from bench.rpc import percentiles
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
@@ -226,25 +226,14 @@ def _timed(op: RpcClient, service: str, method: str, args: dict[str, Any], n: in
 def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fedmq-swarm-"))
     mosq = MosquittoProcess(workdir=work / "mosquitto").start()
-    log = (work / "cloud.log").open("w")
-    cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", mosq.url, "cloud", "--allow-unsigned",
-                              "--home", str(work / "cloud"), "--client-id", "swarm-cloud"],
-                             stdout=log, stderr=subprocess.STDOUT)
     op_conn: MqttConnection | None = None
     swarm = Swarm(mosq.host, mosq.port)
+    cloud_stack = ExitStack()
     try:
-        deadline = time.time() + 30
-        while "serving" not in (work / "cloud.log").read_text():
-            if time.time() > deadline or cloud.poll() is not None:
-                raise RuntimeError((work / "cloud.log").read_text())
-            time.sleep(0.1)
+        cloud = cloud_stack.enter_context(bench_cloud(mosq.url, work, "swarm-cloud", stop_timeout=120))
         op_conn = MqttConnection(new_client_id("op"), mosq.url).start()
         op = RpcClient(op_conn, "operator").start()
-        task_dir = work / "idle"
-        task_dir.mkdir()
-        for name, text in IDLE_TASK.items():
-            (task_dir / name).write_text(text)
-        digest = push_folder(op, task_dir).manifest.digest
+        digest = push_folder(op, idle_task(work)).manifest.digest
         criteria = {f"t{k}": criteria_for(k) for k in range(tasks)}
         for task, text in criteria.items():
             op.call("tasks", "create", {"name": task, "task": task, "bundle": digest, "criteria": text})
@@ -331,12 +320,7 @@ def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
                 swarm.kill(device)
         if op_conn is not None:
             op_conn.stop()
-        cloud.terminate()
-        try:
-            cloud.wait(120)
-        except subprocess.TimeoutExpired:
-            cloud.kill()
-        log.close()
+        cloud_stack.close()
         mosq.stop()
         shutil.rmtree(work, ignore_errors=True)
 
