@@ -13,6 +13,7 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "fedmq/v1"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+FL_LEAVES = ("state", "update", "global")  # a serverless participant's retained records
 
 
 class TopicError(ValueError):
@@ -114,6 +115,35 @@ class Topics:
         if not isinstance(index, int) or index < 0:
             raise TopicError(f"invalid chunk index {index!r}")
         return self._join("bundles", check_digest(digest), str(index))
+
+    # --- serverless training: each participant's own level under its task -----------------
+    def fl(self, task: str, device: str, leaf: str) -> str:
+        """``tasks/<task>/fl/<device>/<leaf>``: what one participant of a serverless task publishes
+        (``state``, ``update``, ``global``); only that device may publish under its level."""
+        if leaf not in FL_LEAVES:
+            raise TopicError(f"invalid serverless leaf {leaf!r} (one of {', '.join(FL_LEAVES)})")
+        return self._join("tasks", check_id(task, "task"), "fl", check_id(device, "device"), leaf)
+
+    def fl_blob(self, task: str, device: str, digest: str, index: int | None = None) -> str:
+        """``tasks/<task>/fl/<device>/blobs/<sha256>/manifest`` (``index`` None) or ``/<index>``."""
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+            raise TopicError(f"invalid chunk index {index!r}")
+        return self._join("tasks", check_id(task, "task"), "fl", check_id(device, "device"), "blobs",
+                          check_digest(digest), "manifest" if index is None else str(index))
+
+    def fl_all(self, task: str, leaf: str) -> str:
+        """Every participant's ``leaf`` of a task: ``tasks/<task>/fl/+/<leaf>``."""
+        if leaf not in FL_LEAVES:
+            raise TopicError(f"invalid serverless leaf {leaf!r} (one of {', '.join(FL_LEAVES)})")
+        return self._join("tasks", check_id(task, "task"), "fl", "+", leaf)
+
+    def parse_fl(self, topic: str) -> tuple[str, str, str]:
+        """(task, device, leaf) of a ``tasks/<task>/fl/<device>/<leaf>`` topic."""
+        head = self.prefix + "/tasks/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        if len(parts) != 4 or parts[1] != "fl" or parts[3] not in FL_LEAVES:
+            raise TopicError(f"not a serverless topic: {topic!r}")
+        return check_id(parts[0], "task"), check_id(parts[2], "device"), parts[3]
 
     def events(self, component: str) -> str:
         return self._join("events", check_id(component, "component"))
