@@ -41,6 +41,8 @@ GRANTS: dict[Role, tuple[Grant, ...]] = {
         Grant("{p}/devices/{id}/cmd", read=True),
         Grant("{p}/tasks/+", read=True),                            # announcements
         Grant("{p}/tasks/+/events/{id}", publish=True),             # its own steps, under its own name
+        Grant("{p}/tasks/+/fl/{id}/#", publish=True),               # serverless: its state, updates, globals, blobs
+        Grant("{p}/tasks/+/fl/#", read=True),                       # serverless: the other participants'
         Grant("{p}/bundles/#", read=True),
     )),
     Role.OPERATOR: _call((*FLEET_READS, Grant("{p}/bundles/#", read=True))),

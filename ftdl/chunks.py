@@ -146,6 +146,9 @@ class ChunkFetch:
         """The content, once every chunk has arrived verified; raises ``ChunkError``."""
         try:
             with self.done:
+                if isinstance(self.failure, ChunkTimeout):  # resuming: go on with what is missing
+                    self.failure = None
+                self.last_activity = time.monotonic()
                 self._request_more()
                 while (self.outstanding or self.pending) and self.failure is None:
                     self.done.wait(0.5)

@@ -26,7 +26,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR, MODEL_FILE, TaskReporter
+from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR, MODEL_FILE, TaskReporter, task_args
+from fedmq.ftdl.serverless.aggregate import weighted_average  # one averaging of metrics for both modes
+from fedmq.ftdl.serverless.config import SERVERLESS, training_mode
 
 __all__ = [
     "ReportingClient",
@@ -45,13 +47,6 @@ def flower_address(address: str | None = None) -> str:
     if not value:
         raise RuntimeError(f"no Flower address: pass one or set {ENV_FLOWER_ADDRESS} (ftdl does)")
     return value
-
-
-def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Average each numeric metric over clients, weighted by their example counts."""
-    total = sum(n for n, _ in metrics) or 1
-    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in sorted(keys)}
 
 
 def _scalars(metrics: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -188,10 +183,18 @@ def _wait_for_server(address: str, timeout_s: float) -> None:
 
 
 def join(client: fl.client.NumPyClient, *, address: str | None = None, max_wait_s: float = 120.0,
-         reporter: TaskReporter | None = None) -> None:
-    """Connect a NumPyClient to the task's Flower server and train until the server is done."""
+         reporter: TaskReporter | None = None, aggregate: Any = None) -> None:
+    """Connect a NumPyClient to the task's Flower server and train until the server is done -- or,
+    when the task's arguments say ``mode = "serverless"``, train with the other participants and
+    no server (``fedmq.ftdl.serverless``; ``aggregate`` names or is the aggregation function)."""
     reporter = reporter or TaskReporter.get()
     wrapped = ReportingClient(client, reporter)
+    args = task_args()
+    if training_mode(args) == SERVERLESS:
+        from fedmq.ftdl.serverless.runner import run_from_env
+
+        run_from_env(wrapped, args=args, reporter=reporter, aggregate=aggregate)
+        return
     target = flower_address(address)
     _wait_for_server(target, max_wait_s)
     with warnings.catch_warnings():

@@ -22,6 +22,7 @@ from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.topics import Topics
 from fedmq.ftdl.serverless import RunResult, ServerlessConfig, ServerlessRunner, participant_connection
+from fedmq.ftdl.serverless.blobs import Blobs
 
 TASK = "linreg"
 TRUE_W = np.array([1.0, -2.0, 0.5])
@@ -288,4 +289,51 @@ def test_aggregator_killed_mid_round_is_replaced_and_no_round_is_lost_or_repeate
     # the new aggregator used the victim's update, already retained when it died
     round2_global = next(e for e in timeline if e["kind"] == "fl_global_published" and e["data"]["round"] == 2)
     assert victim in round2_global["data"]["contributors"]
+    events.close()
+
+
+class TamperingBlobs(Blobs):
+    """A participant's blob transport gone bad: corrupts its chunk after publishing, or publishes
+    weights of another shape."""
+
+    def __init__(self, inner: Blobs, how: str) -> None:
+        super().__init__(inner.connection, inner.topics, inner.task, chunk_size=inner.chunk_size)
+        self.how = how
+
+    def publish(self, device: str, arrays: Any, *, timeout: float = 120.0) -> Any:
+        if self.how == "shape":
+            return super().publish(device, [np.zeros(4, np.float32), *arrays[1:]], timeout=timeout)
+        manifest = super().publish(device, arrays, timeout=timeout)
+        self.connection.publish(self.topics.fl_blob(self.task, device, manifest.digest, 0), b"tampered",
+                                retain=True).wait_for_publish(5)
+        return manifest
+
+
+@pytest.mark.timeout(60)
+def test_tampered_and_misshapen_updates_are_refused_and_the_rounds_go_on(embedded_broker: Any) -> None:
+    url, results = embedded_broker.url, {}
+    events = Events(url)
+    cfg = config(min_participants=4, rounds=2, round_deadline_s=1.5)
+    threads = [start_participant(url, d, LinReg(seed=i), cfg, "1", results) for i, d in enumerate(["dev-a", "dev-b"])]
+    for device, how in (("evil-hash", "tamper"), ("evil-shape", "shape")):
+        def main(device: str = device, how: str = how) -> None:
+            connection = participant_connection(url, task=TASK, device=device, run="1", eligible=False).start()
+            runner = ServerlessRunner(LinReg(seed=9), connection, task=TASK, device=device, run="1", config=cfg)
+            runner.blobs = TamperingBlobs(runner.blobs, how)
+            try:
+                results[device] = runner.run_to_end()
+            finally:
+                connection.stop()
+        threads.append(threading.Thread(target=main, daemon=True, name=device))
+        threads[-1].start()
+    done = finished(results, threads, timeout=30)
+    assert_agreement(done)
+    timeline = events.drain()
+    refused = {(e["data"]["device"], e["data"]["reason"]) for e in timeline if e["kind"] == "fl_update_rejected"}
+    assert refused == {("evil-hash", "tampered_chunk"), ("evil-shape", "bad_shape")}
+    for event in timeline:
+        if event["kind"] == "fl_global_published" and event["data"]["round"] in (1, 2):
+            assert sorted(event["data"]["contributors"]) == ["dev-a", "dev-b"]
+        if event["kind"] == "fl_elected":
+            assert not event["data"]["aggregator"].startswith("evil")   # not electable
     events.close()

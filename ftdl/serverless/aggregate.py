@@ -43,8 +43,9 @@ def resolve(choice: str | AggregateFn | None) -> AggregateFn:
     return AGGREGATORS[choice]
 
 
-def weighted_average(metrics: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-    """Average each numeric metric over participants, weighted by their example counts."""
+def weighted_average(metrics: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Average each numeric metric over participants (Flower clients, in Flower mode), weighted by
+    their example counts."""
     total = sum(n for n, _ in metrics) or 1
     keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in sorted(keys)}

@@ -73,7 +73,7 @@ def specs(arrays: Sequence[np.ndarray]) -> list[ArraySpec]:
 def encode_arrays(arrays: Sequence[np.ndarray]) -> bytes:
     body = []
     for array in arrays:
-        value = np.ascontiguousarray(array)
+        value = np.asarray(array)  # tobytes() is C order whatever the layout (ascontiguousarray would make 0-d 1-d)
         _check_dtype(value.dtype.str)
         body.append({"dtype": value.dtype.str, "shape": list(value.shape), "data": value.tobytes()})
     return codec.encode({"format": 1, "arrays": body})
@@ -196,6 +196,8 @@ class Blobs:
 
     def clear(self, device: str, manifest: BlobManifest) -> None:
         """Remove one's own blob: the manifest first, then the chunks."""
-        self.connection.publish(self.topics.fl_blob(self.task, device, manifest.digest), b"", qos=1, retain=True)
+        gone = self.connection.publish(self.topics.fl_blob(self.task, device, manifest.digest), b"", qos=1,
+                                       retain=True)
         clear_chunks(self.connection, lambda i: self.topics.fl_blob(self.task, device, manifest.digest, i),
                      len(manifest.chunks))
+        gone.wait_for_publish(10)

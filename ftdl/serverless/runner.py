@@ -223,7 +223,7 @@ class ServerlessRunner:
                 live = frozenset(self.view.live())
                 if live != members:
                     members, quiet_since = live, now
-                quorum = len(live) >= self.config.min_participants
+                quorum = len(self.view.online()) >= self.config.min_participants  # electable or not
                 settled = quorum and now - quiet_since >= self.config.quiet_s
                 if settled and not zero and (0, None) not in self._published:
                     winner = elect(self.task, 0, live)
@@ -236,7 +236,7 @@ class ServerlessRunner:
                         continue
                 if now > deadline:
                     raise ServerlessError(f"fewer than {self.config.min_participants} participants joined "
-                                          f"within {self.config.join_timeout_s:g} s (saw {len(live)})")
+                                          f"within {self.config.join_timeout_s:g} s (saw {len(self.view.online())})")
                 self.view.wait(0.2)
 
     def _newest(self) -> GlobalRecord | None:
