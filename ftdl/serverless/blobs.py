@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmq.broker import codec
-from fedmq.broker.schema import problems
 from fedmq.broker.topics import Topics
 from fedmq.ftdl.chunks import (
     DEFAULT_CHUNK_SIZE,
@@ -34,6 +33,7 @@ from fedmq.ftdl.chunks import (
     split,
     wait_retained,
 )
+from fedmq.ftdl.serverless.records import Record, RecordError
 
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
 MAX_ARRAYS = 10_000
@@ -111,10 +111,8 @@ def check_specs(got: Sequence[ArraySpec], expect: Sequence[ArraySpec]) -> None:
             raise ChunkError("bad_shape", f"array {index} is {a.dtype}{a.shape}, expected {b.dtype}{b.shape}")
 
 
-class BlobManifest(BaseModel):
+class BlobManifest(Record):
     """Published retained on ``…/blobs/<digest>/manifest``."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     format: Literal[1] = 1
     digest: Hex64
@@ -138,15 +136,12 @@ class BlobManifest(BaseModel):
     @classmethod
     def from_wire(cls, payload: bytes) -> BlobManifest:
         try:
-            body, _ = codec.decode(payload)
-            return cls.model_validate(body)
-        except codec.CodecError as exc:
-            raise ChunkError("bad_manifest", f"blob manifest is not decodable: {exc}") from None
-        except ValidationError as exc:
-            raise ChunkError("bad_manifest", "invalid blob manifest: " + "; ".join(problems(exc))) from None
+            return cast(BlobManifest, cls.decode(payload))
+        except RecordError as exc:
+            raise ChunkError("bad_manifest", str(exc)) from None
 
     def to_wire(self) -> bytes:
-        return codec.encode(self.model_dump(mode="json"))
+        return self.encode()
 
 
 class Blobs:

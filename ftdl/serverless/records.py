@@ -40,7 +40,9 @@ class ParticipantState(Presence):
     reason: str = ""
 
 
-class _Record(BaseModel):
+class Record(BaseModel):
+    """A msgpack-encoded, strictly validated wire record (receivers ignore unknown fields)."""
+
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     def encode(self) -> bytes:
@@ -57,14 +59,14 @@ class _Record(BaseModel):
             raise RecordError(f"invalid {cls.__name__}: " + "; ".join(problems(exc))) from None
 
 
-class Evaluation(_Record):
+class Evaluation(Record):
     round: Annotated[int, Field(ge=0)]
     loss: float | None = None
     num_examples: Annotated[int, Field(ge=0)] = 0
     metrics: Metrics = Field(default_factory=dict)
 
 
-class UpdateRecord(_Record):
+class UpdateRecord(Record):
     run: str
     round: Annotated[int, Field(ge=1)]
     base: Hex64                           # the global model trained from
@@ -77,23 +79,23 @@ class UpdateRecord(_Record):
     ts: float = Field(default_factory=time.time)
 
 
-class Contribution(_Record):
+class Contribution(Record):
     device: DeviceId
     blob: Hex64
     num_examples: Annotated[int, Field(ge=0)]
 
 
-class Member(_Record):
+class Member(Record):
     device: DeviceId
     session: Annotated[int, Field(ge=0)]
 
 
-class Point(_Record):
+class Point(Record):
     round: Annotated[int, Field(ge=0)]
     value: float
 
 
-class GlobalRecord(_Record):
+class GlobalRecord(Record):
     run: str
     round: Annotated[int, Field(ge=0)]
     digest: Hex64                         # the global model's blob
