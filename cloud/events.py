@@ -15,7 +15,7 @@ from typing import Any
 from peewee import Database, ModelSelect
 
 from fedmq.broker.events import EventKind, EventRecord
-from fedmq.cloud.db import Event
+from fedmq.cloud.db import Event, insert_rows
 from fedmq.cloud.ports import Publisher
 
 # The experiment-1 timeline, in the order a run goes through it.
@@ -42,8 +42,8 @@ class EventLog:
 
     def record_many(self, records: list[EventRecord]) -> list[EventRecord]:
         """Rows in one statement, published by the caller (``publish``) once committed."""
-        Event.insert_many([{"ts": r.ts, "component": r.component, "kind": str(r.kind), "task": r.task,
-                            "device": r.device, "run": r.run, "data": r.data} for r in records]).execute()
+        insert_rows(Event, [Event.ts, Event.component, Event.kind, Event.task, Event.device, Event.run, Event.data],
+                    [(r.ts, r.component, str(r.kind), r.task, r.device, r.run, r.data) for r in records])
         return records
 
     def publish(self, record: EventRecord) -> None:

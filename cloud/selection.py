@@ -21,7 +21,7 @@ from peewee import Database
 from fedmq.broker.events import EventKind, EventRecord
 from fedmq.broker.schema import ACTIVE_ON_DEVICE, DeviceTaskState, Offer, TaskState
 from fedmq.cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
-from fedmq.cloud.db import Device, Task, TaskDevice
+from fedmq.cloud.db import Device, Task, TaskDevice, insert_rows
 from fedmq.cloud.devices import flat_info
 from fedmq.cloud.errors import DeviceNotFound
 from fedmq.cloud.events import EventLog
@@ -172,10 +172,10 @@ class Selection:
     def _upsert(task_ids: list[str], device: str, state: DeviceTaskState) -> None:
         """One statement for all of a device's rows (a first request offers ~15 tasks at once)."""
         now = time.time()
-        rows = [{"task": t, "device": device, "state": state, "updated": now} for t in task_ids]
-        TaskDevice.insert_many(rows).on_conflict(
-            conflict_target=[TaskDevice.task, TaskDevice.device],
-            update={TaskDevice.state: state, TaskDevice.updated: now}).execute()
+        insert_rows(TaskDevice, [TaskDevice.task, TaskDevice.device, TaskDevice.state, TaskDevice.updated],
+                    [(task, device, str(state), now) for task in task_ids],
+                    conflict_target=[TaskDevice.task, TaskDevice.device],
+                    preserve=[TaskDevice.state, TaskDevice.updated])
 
     def mark(self, task_id: str, device: str, state: DeviceTaskState) -> None:
         self._upsert([task_id], device, state)
