@@ -2,8 +2,9 @@
 
 On SQLite every commit is an fsync, and device requests and presence updates each wrote their own
 transaction: at fleet scale the commits, not the work, were the cost.  A writer thread takes
-everything queued, runs it in one transaction, then runs what each write asked to do after the
-commit (publish its events) and wakes the threads that wait for it.
+everything queued, runs it in one transaction, then wakes the threads that wait for it; what a
+write asked to do after the commit (publish its events) runs in that waiting thread, or for a
+``write_later`` in the writer.
 
 Two ways in, for two promises:
 - ``write(fn)`` blocks until ``fn`` is committed and raises what it raised: an answer sent after
@@ -42,6 +43,17 @@ class _Pending:
     after: AfterCommit | None = field(default=None)
 
 
+class _WriteFailed(Exception):
+    """A write of a batch raised: the batch is rolled back and run again write by write."""
+
+
+def _run_after(after: AfterCommit) -> None:
+    try:
+        after()
+    except Exception:
+        log.exception("an after-commit action failed")
+
+
 class WriteBatcher:
     def __init__(self, db: Database, max_delay_s: float = MAX_DELAY_S, max_batch: int = MAX_BATCH) -> None:
         self.db, self.max_delay_s, self.max_batch = db, max_delay_s, max_batch
@@ -52,7 +64,9 @@ class WriteBatcher:
         self._thread.start()
 
     def write(self, fn: Write) -> None:
-        """Run ``fn`` inside the next batch's transaction; return once it is committed."""
+        """Run ``fn`` inside the next batch's transaction; return once it is committed.  ``fn``
+        only writes to the database: when another write of its batch raises, everything is
+        rolled back and ``fn`` runs a second time, in a savepoint of its own."""
         if self._closed or threading.current_thread() is self._thread:
             self._direct(fn)  # after close, or a write from inside a batch: no waiting on ourselves
             return
@@ -62,6 +76,10 @@ class WriteBatcher:
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
+        if pending.after is not None:
+            # The caller's thread, not the writer's: publishing 15 offers' events inside the one
+            # writer thread held up every other device's commit behind it.
+            _run_after(pending.after)
 
     def write_later(self, fn: Write) -> None:
         """Queue ``fn``; it is committed within ``max_delay_s`` (or at ``close``)."""
@@ -139,9 +157,10 @@ class WriteBatcher:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            with write_transaction(self.db):
-                for pending in batch:
-                    pending.after = self._savepoint(pending)
+            if not self._all_at_once(batch):  # one write raised: again, each in its savepoint
+                with write_transaction(self.db):
+                    for pending in batch:
+                        pending.after = self._savepoint(pending)
         except BaseException as exc:  # the commit itself failed: every write in it failed
             log.exception("a batch of %d writes failed to commit", len(batch))
             for pending in batch:
@@ -150,15 +169,31 @@ class WriteBatcher:
         self.stats["writes"] += len(batch)
         self.stats["largest"] = max(self.stats["largest"], len(batch))
         for pending in batch:
-            if pending.error is None and pending.after is not None:
-                try:
-                    pending.after()
-                except Exception:
-                    log.exception("an after-commit action failed")
+            if pending.error is None and pending.after is not None and pending.done is None:
+                _run_after(pending.after)  # a write someone waits for: they run it (write())
             if pending.done is not None:
                 pending.done.set()
             elif pending.error is not None:
                 log.error("a queued write failed: %s", pending.error)
+
+    def _all_at_once(self, batch: list[_Pending]) -> bool:
+        """The batch in one transaction with no savepoints: what almost always happens, at half
+        the statements (each statement gives up the GIL and waits to get it back behind the
+        request threads: the savepoints made the writer the fleet's bottleneck).  False, with
+        nothing written, when a write raised."""
+        afters: list[AfterCommit | None] = []
+        try:
+            with write_transaction(self.db):
+                for pending in batch:
+                    try:
+                        afters.append(pending.write())
+                    except Exception as exc:
+                        raise _WriteFailed from exc
+        except _WriteFailed:
+            return False
+        for pending, after in zip(batch, afters, strict=True):
+            pending.after = after
+        return True
 
     def _savepoint(self, pending: _Pending) -> AfterCommit | None:
         """One write in its own savepoint: a write that raises is undone alone, and its caller
