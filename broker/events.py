@@ -57,6 +57,11 @@ class EventKind(StrEnum):
     CLIENT_ERROR = "client_error"
 
 
+# One event per device per task: at fleet scale (10,000 devices x 200 tasks) these would flood
+# the component stream, so they go on their task's topic only (the timeline keeps all of them).
+PER_DEVICE_TASK_KINDS = frozenset({EventKind.DEVICE_REQUESTED})
+
+
 def _number_or_now(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
 
@@ -127,10 +132,10 @@ def publish_event(connection: Any, topics: Topics, record: EventRecord, *, qos: 
                   component_topic: bool = False, as_device: bool = False) -> None:
     """Publish an event as JSON on its task's topic (when it has a task) -- a device's own
     (``as_device``) under ``tasks/<task>/events/<device>`` -- and, with ``component_topic``, on
-    ``events/<component>`` too.  ``connection`` is an ``MqttConnection``."""
+    ``events/<component>`` too (but for the per-device-per-task kinds).  ``connection`` is an ``MqttConnection``."""
     payload = codec.encode(record.to_wire(), codec.Codec.JSON)
     if record.task:
         topic = topics.device_events(record.task, str(record.device)) if as_device else topics.task_events(record.task)
         connection.publish(topic, payload, qos=qos)
-    if component_topic:
+    if component_topic and not (record.task and record.kind in PER_DEVICE_TASK_KINDS):
         connection.publish(topics.events(record.component), payload, qos=qos)
