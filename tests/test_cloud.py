@@ -440,7 +440,15 @@ def test_postgresql(embedded_broker: Any, tmp_path: Path, client_factory: Any) -
                 if round_ == 0:
                     digest = push_folder(op, TASK).manifest.digest
                     op.call("tasks", "create", {"name": "pg", "task": "pg", "bundle": digest})
-                    client_factory(embedded_broker.url, "dev-pg").call("devices", "update_info", {"info": DEVICE_INFO})
+                    device = client_factory(embedded_broker.url, "dev-pg")
+                    device.call("devices", "update_info", {"info": DEVICE_INFO})
+                    op.call("tasks", "start", {"task": "pg"}, timeout=30)
+                    # A first offer's rows and events go in as one prepared statement each
+                    # (executemany through psycopg2 here).
+                    assert [o["id"] for o in device.call("tasks", "request", {})] == ["pg"]
+                    kinds = [e["kind"] for e in op.call("events", "list", {"task": "pg"})["items"]]
+                    assert "device_requested" in kinds
+                    op.call("tasks", "stop", {"task": "pg"}, timeout=30)
                 else:
                     assert op.call("tasks", "get", {"task": "pg"})["name"] == "pg"
                     assert op.call("devices", "get_info", {"device": "dev-pg"})["info"]["cpu_count"] == 2
