@@ -284,11 +284,12 @@ class ServerlessRunner:
                 raise ServerlessError("fit returned weights of another shape than the model's")
             manifest = self.blobs.publish(self.device, new)
             self._my_update, blob = manifest, manifest.digest
-            self.emit(FlEvent.UPDATE_PUBLISHED, round=r, blob=blob, num_examples=int(n_fit), base=prev.digest)
         update = UpdateRecord(run=self.run, round=r, base=prev.digest, device=self.device, session=self.session,
                               blob=blob, num_examples=int(n_fit), metrics=_scalars(fit_metrics),
                               evaluation=evaluation)
-        self._publish_record("update", update.encode())
+        self._publish_record("update", update.encode())   # acknowledged: the update counts from here
+        if blob is not None:
+            self.emit(FlEvent.UPDATE_PUBLISHED, round=r, blob=blob, num_examples=int(n_fit), base=prev.digest)
         return self._await_global(r, prev, started)
 
     def _rightful(self, seen: SeenGlobal, r: int, prev: GlobalRecord) -> bool:
