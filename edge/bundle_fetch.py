@@ -13,6 +13,7 @@ bounds what is in flight and means a resumed download asks only for what is miss
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -31,7 +32,9 @@ from fedmq.ftdl.bundle import BundleError, BundleManifest, Limits, file_digest, 
 from fedmq.ftdl.manifest import TaskManifest, load_manifest
 from fedmq.ftdl.signing import TrustStore
 
-DEFAULT_WINDOW = 8
+log = logging.getLogger("fedmq.edge.bundle_fetch")
+
+DEFAULT_WINDOW = 32  # chunks subscribed at a time; refilled in batches of half of it
 
 
 @dataclass
@@ -47,50 +50,84 @@ class FetchResult:
 
 
 class _Download:
-    """State of one archive being assembled; its callbacks run in paho's thread."""
+    """State of one archive being assembled; its callbacks run in paho's thread.
+
+    Flow control is a window of exact chunk subscriptions, refilled in batches: when half the
+    window has arrived, one UNSUBSCRIBE drops the chunks received and one SUBSCRIBE (many topic
+    filters in one packet) asks for the next ones, so the broker streams retained chunks back to
+    back instead of waiting for a round trip per chunk.  Exact topics (never ``+``) keep resume
+    exact -- present chunks are never sent again -- and keep what the broker queues for this
+    client bounded by the window whatever the bundle's size (a wildcard would queue every chunk
+    at once and a broker drops what exceeds its per-client queue)."""
 
     def __init__(self, fetcher: BundleFetcher, manifest: BundleManifest, path: Path,
                  missing: list[int]) -> None:
         self.fetcher, self.manifest, self.path = fetcher, manifest, path
+        self.client = fetcher.connection.client
+        self.window = fetcher.window
+        self.prefix = fetcher.topics.bundle_chunk(manifest.digest, 0)[:-1]
         self.pending = list(reversed(missing))
         self.outstanding: set[int] = set()
+        self.received_topics: list[str] = []
         self.total_missing = len(missing)
         self.received = 0
         self.failure: BundleError | None = None
         self.done = threading.Condition()
         self.fd = os.open(path, os.O_RDWR)
         self.last_activity = time.monotonic()
-
-    def topic(self, index: int) -> str:
-        return self.fetcher.topics.bundle_chunk(self.manifest.digest, index)
+        self.client.message_callback_add(self.prefix + "+", self._on_message)
 
     def request_more(self) -> None:
-        while self.pending and len(self.outstanding) < self.fetcher.window:
+        """Top the window up once half of it has arrived (called with ``done`` held)."""
+        if not self.pending or len(self.outstanding) > self.window // 2:
+            return
+        if self.received_topics:
+            self.client.unsubscribe(self.received_topics)
+            self.received_topics = []
+        batch = []
+        while self.pending and len(self.outstanding) < self.window:
             index = self.pending.pop()
             self.outstanding.add(index)
-            self.fetcher.connection.subscribe(self.topic(index), self.on_chunk, qos=1, wait=False)
+            batch.append((self.prefix + str(index), 1))
+        self.client.subscribe(batch)  # while disconnected this is a no-op: resubscribe() covers it
+
+    def resubscribe(self) -> None:
+        """After a reconnect (paho's thread): ask again for what was in flight."""
+        with self.done:
+            if self.outstanding and self.failure is None:
+                self.client.subscribe([(self.prefix + str(i), 1) for i in sorted(self.outstanding)])
+
+    def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.on_chunk(message)
+        except Exception:  # never let an exception out into paho's network thread
+            log.exception("bundle chunk handler failed for %s", message.topic)
 
     def on_chunk(self, message: mqtt.MQTTMessage) -> None:
-        try:
-            index = int(message.topic.rsplit("/", 1)[1])
-        except ValueError:
+        suffix = message.topic[len(self.prefix):]
+        if not suffix.isdigit():  # the manifest, or something that is no chunk of ours
             return
+        index = int(suffix)
         with self.done:
             if index not in self.outstanding or self.failure is not None:
                 return
-            if not message.payload:  # cleared while we were fetching: the bundle was removed
+            payload = message.payload
+            if not payload:  # cleared while we were fetching: the bundle was removed
                 self.failure = BundleError("not_found", "the bundle was removed from the broker during the download")
                 self.done.notify_all()
                 return
-            if hashlib.sha256(message.payload).hexdigest() != self.manifest.chunks[index]:
+            if hashlib.sha256(payload).hexdigest() != self.manifest.chunks[index]:
                 self.failure = BundleError("tampered_chunk", f"chunk {index} does not match its digest")
                 self.done.notify_all()
                 return
-            os.pwrite(self.fd, message.payload, index * self.manifest.chunk_size)
+            if os.pwrite(self.fd, payload, index * self.manifest.chunk_size) != len(payload):
+                self.failure = BundleError("corrupt", f"chunk {index} could not be written in full")
+                self.done.notify_all()
+                return
             self.outstanding.discard(index)
+            self.received_topics.append(message.topic)
             self.received += 1
             self.last_activity = time.monotonic()
-            self.fetcher.connection.unsubscribe(self.topic(index))
             self.request_more()
             self.fetcher._progress(self.manifest, self.received, self.total_missing)
             if not self.outstanding and not self.pending:
@@ -109,9 +146,14 @@ class _Download:
             raise self.failure
 
     def close(self) -> None:
-        for index in list(self.outstanding):
-            self.fetcher.connection.unsubscribe(self.topic(index))
-        os.fsync(self.fd)
+        """Drop the subscriptions and the callback.  No fsync: the partial file is checked by
+        content on resume, and deleted once unpacked."""
+        with self.done:
+            leftover = self.received_topics + [self.prefix + str(i) for i in self.outstanding]
+            self.received_topics, self.outstanding, self.pending = [], set(), []
+        if leftover and self.fetcher.connection.connected.is_set():
+            self.client.unsubscribe(leftover)
+        self.client.message_callback_remove(self.prefix + "+")
         os.close(self.fd)
 
 
@@ -131,6 +173,12 @@ class BundleFetcher:
         self.on_progress = on_progress
         (self.cache / "bundles").mkdir(parents=True, exist_ok=True)
         (self.cache / "partial").mkdir(parents=True, exist_ok=True)
+        self._downloads: set[_Download] = set()
+        connection.add_connect_listener(self._on_reconnect)
+
+    def _on_reconnect(self, _session_present: bool) -> None:
+        for download in list(self._downloads):
+            download.resubscribe()
 
     def path_for(self, digest: str) -> Path:
         return self.cache / "bundles" / digest
@@ -184,8 +232,11 @@ class BundleFetcher:
             raise BundleError("bad_manifest", f"manifest on {topic} describes another bundle")
         return manifest
 
-    def _present(self, manifest: BundleManifest, path: Path) -> list[int]:
-        present = []
+    def _present(self, manifest: BundleManifest, path: Path, previous_size: int) -> list[int]:
+        """The chunk slots of a partial file that already hold their chunk (none in a new file)."""
+        present: list[int] = []
+        if previous_size == 0:
+            return present
         with path.open("rb") as handle:
             for index, want in enumerate(manifest.chunks):
                 handle.seek(index * manifest.chunk_size)
@@ -201,15 +252,18 @@ class BundleFetcher:
         manifest.verify(self.trust, self.allow_unsigned)
         partial = self.cache / "partial" / f"{digest}.tar.gz"
         with partial.open("ab") as handle:
+            previous_size = handle.tell()
             handle.truncate(manifest.size)
-        present = set(self._present(manifest, partial))
+        present = set(self._present(manifest, partial, previous_size))
         missing = [i for i in range(manifest.chunk_count) if i not in present]
         emit("bundle_fetch_started", {"digest": digest, "chunks": manifest.chunk_count,
                                                "missing": len(missing), "size": manifest.size})
         download = _Download(self, manifest, partial, missing)
+        self._downloads.add(download)
         try:
             download.wait(stall_timeout)
         finally:
+            self._downloads.discard(download)
             download.close()
         if file_digest(partial) != digest:
             partial.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -255,48 +256,67 @@ def _safe_name(name: str) -> str:
     return path.as_posix()
 
 
+# Stream mode ("r|gz", one sequential zlib pass) with 64 KiB reads: about 3x cheaper than the
+# seekable gzip reader with tarfile's 16 KiB copies, which was the edge's largest cost after download.
+_IO_BLOCK = 64 * 1024
+_UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile)
+
+
+def _open_stream(archive_path: Path) -> tarfile.TarFile:
+    tar = tarfile.open(archive_path, mode="r|gz", bufsize=_IO_BLOCK)
+    tar.copybufsize = _IO_BLOCK
+    return tar
+
+
+def _checked_members(tar: tarfile.TarFile, archive_size: int, limits: Limits) -> Iterator[tarfile.TarInfo]:
+    """The archive's members in order, each checked (with running totals) before it is yielded,
+    so a caller that extracts as it goes never writes a member that fails a check."""
+    total, count, seen = 0, 0, set()
+    for member in tar:
+        name = _safe_name(member.name)
+        if member.issym() or member.islnk():
+            raise BundleError("link", f"{name!r} is a link; bundles carry regular files only")
+        if not (member.isfile() or member.isdir()):
+            raise BundleError("special_file", f"{name!r} is a device, fifo or other special file")
+        if name in seen:
+            raise BundleError("duplicate", f"{name!r} appears twice in the bundle")
+        seen.add(name)
+        total += member.size
+        count += 1
+        if count > limits.max_files:
+            raise BundleError("too_many_files", f"bundle has more than {limits.max_files} files")
+        if total > limits.max_unpacked_bytes or total > limits.max_ratio * archive_size:
+            raise BundleError("bomb", f"bundle expands past its limit ({limits.max_unpacked_bytes} "
+                                      f"bytes or {limits.max_ratio}x its {archive_size}-byte archive)")
+        yield member
+
+
 def inspect_archive(archive_path: Path, limits: Limits = Limits()) -> list[tarfile.TarInfo]:
     """Walk the archive's headers with running limits; no file is written.
 
     Sequential reading means at most about the limit is decompressed before a bomb is caught."""
-    archive_size = max(1, archive_path.stat().st_size)
-    members: list[tarfile.TarInfo] = []
-    total, seen = 0, set()
     try:
-        with tarfile.open(archive_path, mode="r:gz") as tar:
-            while (member := tar.next()) is not None:
-                name = _safe_name(member.name)
-                if member.issym() or member.islnk():
-                    raise BundleError("link", f"{name!r} is a link; bundles carry regular files only")
-                if not (member.isfile() or member.isdir()):
-                    raise BundleError("special_file", f"{name!r} is a device, fifo or other special file")
-                if name in seen:
-                    raise BundleError("duplicate", f"{name!r} appears twice in the bundle")
-                seen.add(name)
-                total += member.size
-                if len(members) + 1 > limits.max_files:
-                    raise BundleError("too_many_files", f"bundle has more than {limits.max_files} files")
-                if total > limits.max_unpacked_bytes or total > limits.max_ratio * archive_size:
-                    raise BundleError("bomb", f"bundle expands past its limit ({limits.max_unpacked_bytes} "
-                                              f"bytes or {limits.max_ratio}x its {archive_size}-byte archive)")
-                members.append(member)
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        with _open_stream(archive_path) as tar:
+            return list(_checked_members(tar, max(1, archive_path.stat().st_size), limits))
+    except _UNREADABLE as exc:
         raise BundleError("corrupt", f"bundle archive is unreadable: {exc}") from None
-    return members
 
 
 def safe_unpack(archive_path: Path, dest: Path, limits: Limits = Limits()) -> Path:
-    """Unpack into ``dest`` (which must not exist) atomically: a temporary sibling folder is
-    filled, checked, and renamed.  Nothing is written outside it; on any refusal it is removed."""
+    """Unpack into ``dest`` (which must not exist) atomically, in one sequential pass: each member
+    is checked (``inspect_archive``'s checks, running totals) before it is written into a temporary
+    sibling folder, which is renamed into place at the end and removed on any refusal.  Nothing is
+    written outside it, a member that fails a check is never written, and a refused archive leaves
+    nothing behind."""
     if dest.exists():
         raise BundleError("exists", f"{dest} already exists")
-    inspect_archive(archive_path, limits)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        with tarfile.open(archive_path, mode="r:gz") as tar:
-            # The 'data' filter is a second line of defence behind inspect_archive.
-            tar.extractall(staging, filter="data")
+        with _open_stream(archive_path) as tar:
+            for member in _checked_members(tar, max(1, archive_path.stat().st_size), limits):
+                # The 'data' filter is a second line of defence behind the checks.
+                tar.extract(member, staging, filter="data")
         load_manifest(staging)
         os.rename(staging, dest)
     except BaseException as exc:
@@ -305,7 +325,7 @@ def safe_unpack(archive_path: Path, dest: Path, limits: Limits = Limits()) -> Pa
             raise
         if isinstance(exc, ManifestError):
             raise BundleError("bad_manifest", f"the bundle's {MANIFEST_NAME} is invalid: {exc}") from None
-        if isinstance(exc, (tarfile.TarError, OSError, EOFError)):
+        if isinstance(exc, _UNREADABLE):
             raise BundleError("corrupt", f"bundle could not be unpacked: {exc}") from None
         raise
     return dest
