@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -160,6 +161,40 @@ def test_sigkill_is_an_error_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert outcome is not None and outcome.cause == "killed by signal SIGKILL"
     assert time.time() - started < 5
     assert group_alive(pgid) == [] and zombies_of_ours() == []
+
+
+def test_a_task_never_outlives_its_supervisor(tmp_path: Path) -> None:
+    """The supervisor (a cloud replica, an edge) SIGKILLed: the task and its grandchildren end
+    by themselves -- a Flower server nobody can stop or hear from must not run on."""
+    code = """
+        import subprocess, time
+        subprocess.Popen(["sleep", "300"])
+        print("ready", flush=True)
+        time.sleep(300)
+    """
+    folder = write_task(tmp_path / "t", code)
+    supervisor = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from fedmq import ftdl
+        proc = ftdl.start_task(Path({str(folder)!r}), "client", task_id="t1", log_dir=Path({str(tmp_path / "logs")!r}),
+                               on_event=lambda event: None)
+        while "ready" not in proc._tail:
+            time.sleep(0.05)
+        print(proc.process.pid, flush=True)
+        time.sleep(300)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(supervisor.stdout.readline())  # type: ignore[union-attr]
+        assert len(group_alive(pgid)) == 2
+        supervisor.kill()
+        supervisor.wait(10)
+        deadline = time.time() + 5
+        while group_alive(pgid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert group_alive(pgid) == []
+    finally:
+        supervisor.kill()
 
 
 def test_a_hang_past_the_time_limit_is_ended(tmp_path: Path) -> None:
