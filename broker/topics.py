@@ -160,6 +160,14 @@ class Topics:
     def all_device_states(self) -> str:
         return self._join("devices", "+", "state")
 
+    def replica_state(self, replica: str) -> str:
+        """A cloud replica's presence (retained; its last will says offline): who runs which
+        task's Flower server is known by replica, and a dead one's tasks are handled by the rest."""
+        return self._join("replicas", check_id(replica, "replica"), "state")
+
+    def all_replica_states(self) -> str:
+        return self._join("replicas", "+", "state")
+
     def all_tasks(self) -> str:
         return self._join("tasks", "+")
 

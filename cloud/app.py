@@ -26,6 +26,7 @@ from fedmq.cloud.identities import IdentityRegistry, OpenBroker
 from fedmq.cloud.identity_service import IdentityService
 from fedmq.cloud.inbound import Inbound
 from fedmq.cloud.mqtt_publisher import MqttPublisher
+from fedmq.cloud.replicas import ReplicaPresence
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import SNAPSHOT_TTL_S, Selection
 from fedmq.cloud.task_lifecycle import TaskLifecycle
@@ -79,7 +80,10 @@ class CloudApp:
         self.home = Path(config.home)
         self.topics = Topics(config.prefix)
         self.db = open_database(config.db, self.home)
-        self.connection = MqttConnection(config.client_id, config.broker, persistent=True)
+        # A replica is known by its client id (replicas of a shared group each have their own);
+        # its presence is made below, once the lifecycle it reports lost replicas to exists.
+        self.connection = MqttConnection(config.client_id, config.broker, persistent=True,
+                                         will_factory=lambda: self.replica.will())  # noqa: PLW0108
         trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else None
         self.store = BundleStore(self.home / "bundles", trust=trust, require_signed=config.require_signed)
         self.publisher = MqttPublisher(self.connection, self.topics, self.store, config.chunk_size)
@@ -100,11 +104,17 @@ class CloudApp:
         self.servers = ServerSupervisor(settings)
         self.history = RunHistory(self.home)
         self.tasks = TaskLifecycle(self.db, settings, self.store, self.publisher, self.events, self.selection,
-                                   self.servers, self.history, self.identities)
+                                   self.servers, self.history, self.identities, replica=config.client_id)
+        self.replica = ReplicaPresence(self.connection, self.topics, config.client_id, self.tasks.replica_lost)
         self.registry = DeviceRegistry(self.db, self.events, self.batcher)
         self.registry.listeners.append(self.selection.device_changed)
         self.inbound = Inbound(self.registry, self.tasks, self.events)
-        self.server = RpcServer(self.connection, self.topics, shared_group=config.shared_group,
+        # Replicas take requests (and devices' steps) on a clean session of their own: Mosquitto
+        # keeps handing a disconnected persistent session its share of a shared subscription, so
+        # a dead replica's share would wait for it; a clean session's share goes to the living.
+        self.shared_connection = (MqttConnection(f"{config.client_id}-shared", config.broker)
+                                  if config.shared_group else self.connection)
+        self.server = RpcServer(self.shared_connection, self.topics, shared_group=config.shared_group,
                                 roles=self.identities.role_of)
         services = {"bundles": lambda: BundleService(self.store, self.publisher),
                     "devices": lambda: DeviceService(self.registry),
@@ -123,18 +133,27 @@ class CloudApp:
         if "devices" in self.config.services:
             self.connection.subscribe(self.topics.all_device_states(), self.inbound.on_presence, wait=False)
         if "tasks" in self.config.services:
-            # QoS 1 on the persistent session: steps devices report while the cloud is away wait for it.
-            self.connection.subscribe(self.topics.all_device_events(), self.inbound.on_device_event, qos=1,
-                                      wait=False)
+            # QoS 1 on the persistent session: steps devices report while the cloud is away wait for
+            # it.  Replicas share them (each recorded once) on the clean session: live delivery.
+            events = self.topics.all_device_events()
+            self.shared_connection.subscribe(
+                f"$share/{self.config.shared_group}/{events}" if self.config.shared_group else events,
+                self.inbound.on_device_event, qos=1, wait=False)
+            # Replicas: who is alive (a dead one's tasks fail here), and a stop made elsewhere.
+            self.connection.subscribe(self.topics.all_replica_states(), self.replica.on_state, qos=1, wait=False)
+            self.connection.subscribe(self.topics.all_tasks(), self.inbound.on_announcement, qos=1, wait=False)
         self.server.start(wait=False)
         if isinstance(self.accounts, DynsecAccounts):
             self._ensure_own_role(timeout)
         self.connection.start(timeout=timeout)
+        if self.shared_connection is not self.connection:
+            self.shared_connection.start(timeout=timeout)
         if "tasks" in self.config.services:
             failed = self.tasks.reconcile()
             if failed:
                 log.warning("tasks interrupted by the previous cloud's end, now failed: %s", failed)
         self.connection.wait_subscribed(timeout)
+        self.shared_connection.wait_subscribed(timeout)
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
 
@@ -157,6 +176,7 @@ class CloudApp:
             setup.stop()
 
     def _on_connect(self, session_present: bool) -> None:
+        self.replica.birth()
         # A broker that restarted without persistence (amqtt) lost the retained announcements and
         # bundles: put them back.  Off paho's thread, since publishing waits for acknowledgements.
         if "tasks" in self.config.services and (self._started_once or not session_present):
@@ -173,7 +193,10 @@ class CloudApp:
         self._stop.set()
         if "tasks" in self.config.services:
             self.tasks.shutdown()
+        self.replica.goodbye()
         self.connection.stop()
+        if self.shared_connection is not self.connection:
+            self.shared_connection.stop()
         self.server.stop()
         self.batcher.close()  # what is queued is committed before the database closes
         self.db.close()

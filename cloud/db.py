@@ -94,6 +94,7 @@ class Task(BaseModel):
     server_pid = IntegerField(null=True)
     server_started = TextField(null=True)  # the server process's identity, so a reused pid is never signalled
     run = IntegerField(default=0)
+    owner = CharField(max_length=128, null=True)  # the replica whose host runs the Flower server
 
 
 class TaskDevice(BaseModel):
@@ -182,7 +183,14 @@ def _v2(db: Database) -> None:
         migrate_schema(migrator.add_column("task", "server_started", TextField(null=True)))
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2]
+def _v3(db: Database) -> None:
+    """The replica that owns a running task's Flower server."""
+    if "owner" not in {column.name for column in db.get_columns("task")}:
+        migrator = SchemaMigrator.from_database(db)
+        migrate_schema(migrator.add_column("task", "owner", CharField(max_length=128, null=True)))
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,6 +1,6 @@
-"""What the cloud hears on the broker besides RPC: devices' presence (``devices/+/state``) and
-the steps edges publish on ``tasks/+/events``.  The MQTT side of those subscriptions: parse,
-check, and hand typed values to the domain."""
+"""What the cloud hears on the broker besides RPC: devices' presence (``devices/+/state``), task
+announcements (``tasks/+``, for replicas) and the steps edges publish on ``tasks/+/events``.  The
+MQTT side of those subscriptions: parse, check, and hand typed values to the domain."""
 
 from __future__ import annotations
 
@@ -42,6 +42,22 @@ class Inbound:
             log.warning("ignored presence on %s: %s", message.topic, exc)
             return
         self.registry.apply_presence(device_id, presence)
+
+    def on_announcement(self, message: mqtt.MQTTMessage) -> None:
+        """A task's retained announcement (ours or another replica's): the owner of its server
+        stops it when another replica stopped the task."""
+        if not message.payload:
+            return  # a deleted task's cleared announcement: its stop was announced before
+        try:
+            task_id = check_id(message.topic.split("/")[-1], "task")
+            body, _ = codec.decode(bytes(message.payload))
+            state, run = body["state"], body["run"]
+            if not isinstance(state, str) or not isinstance(run, int):
+                raise ValueError("state and run must be a string and a number")
+        except (TopicError, ValueError, KeyError, TypeError, codec.CodecError) as exc:
+            log.warning("ignored announcement on %s: %s", message.topic, exc)
+            return
+        self.lifecycle.on_announcement(task_id, state, run)
 
     def on_device_event(self, message: mqtt.MQTTMessage) -> None:
         """A device's step on ``tasks/<task>/events/<device>`` (JSON or msgpack).  The topic names

@@ -16,6 +16,7 @@ half-finished federated run cannot be resumed, and saying so beats pretending.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -45,6 +46,8 @@ from fedmq.ftdl.channel import ReporterKind
 from fedmq.ftdl.manifest import ManifestError
 from fedmq.ftdl.process import ProcessIdentity
 
+log = logging.getLogger("fedmq.cloud.tasks")
+
 
 class CodeRefused(BundleRefused):
     """A task whose server code this cloud will not run (unsigned, or an untrusted signer)."""
@@ -66,10 +69,13 @@ _SERVER_EVENTS = {ReporterKind.ERROR: EventKind.SERVER_ERROR, ReporterKind.INFO:
 class TaskLifecycle:
     def __init__(self, db: Database, settings: TaskSettings, store: BundleStore, publisher: Publisher,
                  events: EventLog, selection: Selection, servers: ServerSupervisor, history: RunHistory,
-                 identities: IdentityRegistry) -> None:
+                 identities: IdentityRegistry, replica: str = "cloud") -> None:
+        """``replica`` names this cloud among replicas sharing the database (its client id): a
+        task it starts is owned by it, since its Flower server runs on this host."""
         self.db, self.settings, self.store, self.publisher = db, settings, store, publisher
         self.events, self.selection, self.servers, self.history = events, selection, servers, history
         self.identities = identities
+        self.replica = replica
         self._lock = threading.RLock()
 
     # --- reading -----------------------------------------------------------------------------
@@ -206,13 +212,15 @@ class TaskLifecycle:
             self.selection.forget(task_id)  # a new run: every device may be offered it again
             task.server_pid = server.pid if server else None
             task.server_started = server.to_text() if server else None
+            task.owner = self.replica
             task.updated = time.time()
             task.save()
             self.selection.invalidate()
         self.announce(task)
         self.events.record(EventKind.TASK_STARTED, task=task_id, run=run,
                            data={"flower": flower_address(task), "revision": task.revision,
-                                 "bundle": task.bundle, "args": task.args, "criteria": task.criteria})
+                                 "bundle": task.bundle, "args": task.args, "criteria": task.criteria,
+                                 "replica": self.replica})
         return task
 
     def _check_code(self, digest: str) -> None:
@@ -254,14 +262,15 @@ class TaskLifecycle:
             if task.state != TaskState.RUNNING or task.run != run:
                 return task
             task.state, task.finished_at, task.updated = state, time.time(), time.time()
-            task.server_pid = task.server_started = None
+            task.server_pid = task.server_started = task.owner = None
             if state == TaskState.FAILED:
                 task.last_error = reason
             task.save()
             self.selection.invalidate()
         self.identities.end_task(task_id)  # the run's credentials end with it
         self.announce(task)
-        self.events.record(_END_EVENTS[state], task=task_id, run=run, data={"reason": reason, "metrics": task.metrics})
+        self.events.record(_END_EVENTS[state], task=task_id, run=run,
+                           data={"reason": reason, "metrics": task.metrics, "replica": self.replica})
         if state != TaskState.FINISHED:  # after a normal finish the clients end with their Flower server
             self._stop_devices(task, reason or state)
         return task
@@ -306,22 +315,53 @@ class TaskLifecycle:
 
     # --- life of the cloud itself ------------------------------------------------------------------
     def reconcile(self) -> list[str]:
-        """After a restart: tasks left 'running' by a dead cloud are marked failed."""
+        """After a restart: this replica's tasks left 'running' by its previous process are
+        marked failed (their servers died with it, or are killed now).  Other replicas' running
+        tasks are theirs: they are handled here only when that replica goes offline."""
+        mine = (Task.owner == self.replica) | Task.owner.is_null()
+        return self._fail_orphans(mine, "interrupted: the cloud stopped while the task was running",
+                                  kill_recorded=True)
+
+    def replica_lost(self, replica: str) -> list[str]:
+        """Another replica went offline (its last will): its Flower servers went with it, so
+        its running tasks fail and their devices are told to stop.  Every survivor may call
+        this; the database's conditional update lets exactly one of them handle each task."""
+        if replica == self.replica:
+            return []
+        return self._fail_orphans(Task.owner == replica, f"interrupted: replica {replica}, which ran its "
+                                  "Flower server, went offline", kill_recorded=False)
+
+    def _fail_orphans(self, owned: Any, reason: str, kill_recorded: bool) -> list[str]:
         failed = []
-        for task in Task.select().where(Task.state == TaskState.RUNNING):
-            recorded = ProcessIdentity.from_text(task.server_started)
-            if recorded is not None:
-                self.servers.kill_orphan(recorded)  # only if that pid is still that process
-            task.state, task.last_error = TaskState.FAILED, "interrupted: the cloud stopped while the task was running"
-            task.finished_at = task.updated = time.time()
-            task.server_pid = task.server_started = None
-            task.save()
-            self.identities.end_task(task.id)
+        for task in Task.select().where((Task.state == TaskState.RUNNING) & owned):
+            if kill_recorded and self.servers.pid(task.id) is None:
+                recorded = ProcessIdentity.from_text(task.server_started)
+                if recorded is not None:
+                    self.servers.kill_orphan(recorded)  # only if that pid is still that process
+            now = time.time()
+            claimed = Task.update(state=TaskState.FAILED, last_error=reason, finished_at=now, updated=now,
+                                  server_pid=None, server_started=None, owner=None).where(
+                (Task.id == task.id) & (Task.run == task.run) & (Task.state == TaskState.RUNNING)).execute()
+            if not claimed:  # another replica handled it first, or it ended meanwhile
+                continue
+            ended = self.get(task.id)
+            self.identities.end_task(ended.id)
             self.selection.invalidate()
-            self.events.record(EventKind.TASK_FAILED, task=task.id, run=task.run, data={"reason": task.last_error})
-            self._stop_devices(task, task.last_error)
-            failed.append(task.id)
+            self.announce(ended)
+            self.events.record(EventKind.TASK_FAILED, task=ended.id, run=ended.run, data={"reason": reason})
+            self._stop_devices(ended, reason)
+            failed.append(ended.id)
         return failed
+
+    def on_announcement(self, task_id: str, state: str, run: int) -> None:
+        """Any replica may stop a task, but only the owner's host runs its server: the owner
+        hears the retained announcement say it no longer runs (or runs another run) and stops
+        its own server.  Nothing to do on one cloud: its stop stopped the server first."""
+        local = self.servers.run_of(task_id)
+        if local is not None and (state != TaskState.RUNNING or run != local):
+            log.info("task %s run %s is %s (changed by another replica): stopping its server here",
+                     task_id, local, state)
+            threading.Thread(target=self.servers.stop, args=(task_id,), name=f"stop-{task_id}", daemon=True).start()
 
     def republish(self) -> None:
         """Put every announcement, referenced bundle and unconfirmed stop command back: after a

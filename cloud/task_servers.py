@@ -103,6 +103,12 @@ class ServerSupervisor:
         entry.done.set()
         return entry.stopping
 
+    def run_of(self, task_id: str) -> int | None:
+        """The run whose server this host runs for the task (None: none here)."""
+        with self._lock:
+            entry = self._running.get(task_id)
+            return None if entry is None or entry.stopping else entry.run
+
     def pid(self, task_id: str) -> int | None:
         entry = self._running.get(task_id)
         return entry.process.process.pid if entry and entry.process.process else None

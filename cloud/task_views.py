@@ -20,6 +20,7 @@ class TaskView(TaskAnnouncement):
     started_at: float | None = None
     finished_at: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = None  # the cloud replica whose host runs the Flower server, while it runs
 
     def announcement(self) -> TaskAnnouncement:
         return TaskAnnouncement.model_validate(self.model_dump(include=set(TaskAnnouncement.model_fields)))
@@ -50,4 +51,4 @@ def task_view(task: Task) -> TaskView:
                     priority=task.priority, tags=task.tags or [], round=task.current_round,
                     total_rounds=task.total_rounds, run=task.run, updated=task.updated, last_error=task.last_error,
                     args=task.args or {}, created=task.created, started_at=task.started_at,
-                    finished_at=task.finished_at, metrics=task.metrics or {})
+                    finished_at=task.finished_at, metrics=task.metrics or {}, owner=task.owner)
