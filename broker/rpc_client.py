@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -53,15 +52,28 @@ class RpcClient:
         return self
 
     def call(self, service: str, method: str, args: dict[str, Any] | None = None, *,
-             timeout: float = DEFAULT_TIMEOUT_S) -> Any:
-        """Call ``service.method(**args)``; returns the result or raises ``RpcError``."""
-        return self.call_future(service, method, args, timeout=timeout).result_or_raise()
+             timeout: float = DEFAULT_TIMEOUT_S, retries: int = 0) -> Any:
+        """Call ``service.method(**args)``; returns the result or raises ``RpcError``.  With
+        ``retries``, a call that timed out is sent again under the same request id: a replica
+        that already answered it answers the same again, and when the one the broker gave it to
+        died, another serves it."""
+        request_id = uuid.uuid4().hex
+        for attempt in range(retries + 1):
+            try:
+                return self.call_future(service, method, args, timeout=timeout,
+                                        request_id=request_id).result_or_raise()
+            except RpcError as exc:
+                if exc.code is not ErrorCode.TIMEOUT or attempt == retries:
+                    raise
+                log.info("%s.%s: no answer within %.1f s, sending it again (%d/%d)",
+                         service, method, timeout, attempt + 1, retries)
+        raise AssertionError("unreachable")
 
     def call_future(self, service: str, method: str, args: dict[str, Any] | None = None, *,
-                    timeout: float = DEFAULT_TIMEOUT_S) -> PendingCall:
+                    timeout: float = DEFAULT_TIMEOUT_S, request_id: str | None = None) -> PendingCall:
         if not self._started:
             self.start()
-        request = Request(id=uuid.uuid4().hex, method=method, args=args or {},
+        request = Request(id=request_id or uuid.uuid4().hex, method=method, args=args or {},
                           reply_to=self.inbox, deadline=time.time() + timeout)
         future: Future[Reply] = Future()
         with self._lock:
@@ -103,6 +115,8 @@ class RpcClient:
 
     async def acall(self, service: str, method: str, args: dict[str, Any] | None = None, *,
                     timeout: float = DEFAULT_TIMEOUT_S) -> Any:
+        import asyncio  # only async callers pay for it
+
         pending = self.call_future(service, method, args, timeout=timeout)
         try:
             reply = await asyncio.wait_for(asyncio.wrap_future(pending.future), timeout)

@@ -281,7 +281,9 @@ class RpcServer:
             self._drop(message.topic, f"request {request.id} from {rpc_topic.caller} expired before it was served")
             return
         key = (rpc_topic.caller, rpc_topic.method, request.id)
-        seen, answer = self.replies.begin(key, digest_of(bytes(message.payload)))
+        # What the request asks, not its bytes: a retry under the same id carries a new deadline.
+        seen, answer = self.replies.begin(key, digest_of(codec.encode(
+            {"args": request.args, "reply_to": request.reply_to}, codec.Codec.MSGPACK)))
         if seen is not Seen.NEW:
             self.stats["duplicates"] += 1
             if seen is Seen.ANSWERED and answer is not None:  # a QoS 1 redelivery: answer again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,11 @@ class EchoService:
         with self.state.lock:
             self.state.runs[key] = self.state.runs.get(key, 0) + 1
             return self.state.runs[key]
+
+    @rpc
+    def slow_count(self, key: str, seconds: float) -> int:
+        time.sleep(seconds)
+        return self.count(key)
 
     @rpc
     def boom(self) -> None:

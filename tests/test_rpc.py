@@ -438,3 +438,14 @@ def test_an_operator_never_queues_behind_a_fleet(mosquitto_broker: Any) -> None:
             conn.stop()
         server_conn.stop()
         server.stop()
+
+
+def test_a_retry_under_the_same_id_is_served_once_and_answered(rpc_stack: Stack) -> None:
+    """The first attempt times out while the server is still at it; the retry (same request id,
+    a new deadline) is not a conflict and not a second run: the one answer reaches the caller."""
+    assert rpc_stack.client.call("echo", "slow_count", {"key": "retry", "seconds": 1.5},
+                                 timeout=1.0, retries=2) == 1
+    assert rpc_stack.state.runs["retry"] == 1
+    with pytest.raises(RpcError) as err:  # no retries: the timeout is the caller's answer
+        rpc_stack.client.call("echo", "slow_count", {"key": "once", "seconds": 1.5}, timeout=0.5)
+    assert err.value.code is ErrorCode.TIMEOUT
