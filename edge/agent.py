@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
@@ -32,25 +32,23 @@ from fedmq.broker.roles import CLIENT_IDS, Role
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
 from fedmq.broker.topics import TopicError, Topics, check_id
-from fedmq.edge.bundle_fetch import BundleFetcher
 from fedmq.edge.config import EdgeConfig
 from fedmq.edge.info import gather
 from fedmq.edge.policy import get_policy
 from fedmq.edge.state import AgentState
-from fedmq.ftdl import TaskEvent, start_task
-from fedmq.ftdl.bundle import BundleError
-from fedmq.ftdl.channel import ReporterKind
-from fedmq.ftdl.manifest import ManifestError
-from fedmq.ftdl.process import TaskProcess
-from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS
-from fedmq.ftdl.signing import TrustStore
+
+if TYPE_CHECKING:  # loaded when a task is first offered: an idle agent does without them
+    from fedmq.edge.bundle_fetch import BundleFetcher
+    from fedmq.ftdl import TaskEvent
+    from fedmq.ftdl.process import TaskProcess
 
 log = logging.getLogger("fedmq.edge")
 FINISH_GRACE_S = 15.0
 RETRY_BASE_S, RETRY_MAX_S = 1.0, 30.0
 # The client's own reports, forwarded as the device's events.
-_FORWARDED = {ReporterKind.ERROR: EventKind.CLIENT_ERROR_REPORT, ReporterKind.PROGRESS: EventKind.CLIENT_PROGRESS,
-              ReporterKind.INFO: EventKind.CLIENT_INFO, "trigger_result": EventKind.CLIENT_TRIGGER_RESULT,
+# Keys are fedmq.ftdl.channel.ReporterKind's values (a StrEnum: equal to its strings).
+_FORWARDED = {"error": EventKind.CLIENT_ERROR_REPORT, "progress": EventKind.CLIENT_PROGRESS,
+              "info": EventKind.CLIENT_INFO, "trigger_result": EventKind.CLIENT_TRIGGER_RESULT,
               "trigger_refused": EventKind.CLIENT_TRIGGER_REFUSED}
 
 
@@ -84,9 +82,11 @@ class EdgeAgent:
         self.connection = MqttConnection(CLIENT_IDS[Role.DEVICE].format(self.device), config.broker, persistent=True,
                                          will_factory=self._will, alternates=config.alternates)
         self.rpc = RpcClient(self.connection, self.device, self.topics)
-        trust = TrustStore.from_paths(config.trusted_keys) if config.trusted_keys else TrustStore()
-        self.fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache", trust=trust,
-                                     allow_unsigned=config.allow_unsigned)
+        self._trust: Any = None
+        if config.trusted_keys:  # a bad key is refused at start, not at the first bundle
+            from fedmq.ftdl.signing import TrustStore
+            self._trust = TrustStore.from_paths(config.trusted_keys)
+        self._fetcher: BundleFetcher | None = None
         self.announcements: dict[str, TaskAnnouncement] = {}
         self.current: _Current | None = None
         self.task_stats: dict[str, dict[str, Any]] = {}
@@ -100,6 +100,16 @@ class EdgeAgent:
         self._finished_runs: dict[tuple[str, int], None] = {}  # runs this device's client completed
         self._reported_at = 0.0
         self.cycles = 0
+
+    @property
+    def fetcher(self) -> BundleFetcher:
+        """Made on first use: bundles (and their signatures) are only a concern once offered one."""
+        if self._fetcher is None:
+            from fedmq.edge.bundle_fetch import BundleFetcher
+            from fedmq.ftdl.signing import TrustStore
+            self._fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache",
+                                          trust=self._trust or TrustStore(), allow_unsigned=self.config.allow_unsigned)
+        return self._fetcher
 
     # --- presence --------------------------------------------------------------------------
     def _will(self) -> Will:
@@ -197,6 +207,11 @@ class EdgeAgent:
                       self.current.task if self.current else None)
 
     def _start(self, offer: Offer) -> None:
+        from fedmq.ftdl import start_task
+        from fedmq.ftdl.bundle import BundleError
+        from fedmq.ftdl.manifest import ManifestError
+        from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS
+
         task, revision, run = offer.id, offer.revision, offer.run
         try:  # the fetcher's own events (started, fetched, refused) go out as this task's
             result = self.fetcher.fetch(offer.bundle,
@@ -238,7 +253,7 @@ class EdgeAgent:
     # --- events from the client process -----------------------------------------------------
     def _client_event(self, task: str, revision: int, run: int, event: TaskEvent) -> None:
         data = event.data
-        if event.kind == ReporterKind.STATS:
+        if event.kind == "stats":  # ReporterKind.STATS
             metrics = data.get("metrics") or {}
             stats = self.task_stats.setdefault(task, {})
             stats["round"] = data.get("round")

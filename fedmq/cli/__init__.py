@@ -1,7 +1,9 @@
 """The ``fedmq`` command; the root and its verbs are ``fedmq.cli.app``.
 
 ``run`` is the entry point: it makes SIGTERM behave as Ctrl-C, and both end a command with the
-documented exit code 130 (click alone would say "Aborted!" and exit 1).
+documented exit code 130 (click alone would say "Aborted!" and exit 1).  A plain ``fedmq edge``
+command line runs without loading typer, rich or click at all (``fedmq.cli.edge_run``): the agent
+is a long-lived service on small devices.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import signal
 import sys
 from typing import Any
 
-import click
-
-from fedmq.cli.app import app
-from fedmq.cli.common import ExitCode, err_console
-
 __all__ = ["app", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the typer app, loaded when asked for (not by a plain fedmq edge)
+        from fedmq.cli.app import app
+        return app
+    raise AttributeError(name)
 
 
 def _interrupt(*_: Any) -> None:
@@ -25,6 +29,15 @@ def _interrupt(*_: Any) -> None:
 
 def run() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # commands that must stop in order install their own
+    from fedmq.cli.edge_run import run_lean
+
+    if "edge" in sys.argv[1:] and run_lean(sys.argv[1:]):
+        return
+    import click
+
+    from fedmq.cli.app import app
+    from fedmq.cli.common import ExitCode, err_console
+
     try:
         code = app(standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,8 +1,12 @@
-"""``fedmq edge``: the agent of one device, in the foreground."""
+"""``fedmq edge``: the agent of one device, in the foreground.
+
+The console script runs plain ``fedmq edge`` command lines through ``fedmq.cli.edge_run`` without
+loading typer; this command is their help, their usage errors, and the same options (keep the two
+in step: tests/test_edge_light.py checks).
+"""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import typer
@@ -37,9 +41,7 @@ def edge(ctx: typer.Context,
                                                               "seconds (default: 300)."),
          label: list[str] = typer.Option([], "--label", help="KEY=VALUE reported for selection; repeatable.")) -> None:
     """Run the edge agent of this device in the foreground."""
-    from fedmq.edge.agent import EdgeAgent
-    from fedmq.edge.config import load_edge_config
-    from fedmq.ftdl.signing import SigningError
+    from fedmq.cli.edge_run import BadInput, serve
 
     g = globals_of(ctx)
     labels = {}
@@ -48,20 +50,11 @@ def edge(ctx: typer.Context,
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--label")
         labels[key] = value
-    # The device's config file names its own broker and credentials: an operator's FEDMQ_BROKER in
-    # the same shell must not replace them (a --broker typed on this command line still does).
-    broker = g.broker if g.broker_on_command_line or config is None else None
-    overrides = dict(device_id=device_id, broker=broker, alternates=alternate, prefix=g.prefix, work_dir=work_dir,
-                     data_dir=data_dir, trusted_keys=trust, allow_unsigned=allow_unsigned, policy=policy,
-                     recheck_interval_s=recheck_interval, report_interval_s=report_interval, labels=labels or None)
     try:
-        agent = EdgeAgent(load_edge_config(config, overrides))
-    except (ValueError, SigningError, OSError) as exc:
+        serve(broker=g.broker, broker_on_command_line=g.broker_on_command_line, prefix=g.prefix, device_id=device_id,
+              config=config, alternate=alternate, work_dir=work_dir, data_dir=data_dir, trust=trust,
+              allow_unsigned=allow_unsigned, policy=policy, recheck_interval=recheck_interval,
+              report_interval=report_interval, labels=labels,
+              say=lambda line: console.print(line, highlight=False))
+    except BadInput as exc:
         fail(ExitCode.BAD_INPUT, str(exc))
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    console.print(f"fedmq edge {agent.device} -> {agent.connection.settings.url} (policy {agent.config.policy})",
-                  highlight=False)
-    try:
-        agent.run()
-    except KeyboardInterrupt:
-        agent.stop()
