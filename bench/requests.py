@@ -43,18 +43,21 @@ REGIONS = ["eu", "us", "br", "asia"]
 
 
 @contextmanager
-def bench_cloud(broker_url: str, work: Path, client_id: str, stop_timeout: float = 60) -> Iterator[subprocess.Popen]:
+def bench_cloud(broker_url: str, work: Path, client_id: str, stop_timeout: float = 60,
+                flags: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
     """``fedmq cloud`` in its own process, as an operator runs it; yielded once it serves, and
-    stopped (SIGTERM, then SIGKILL after ``stop_timeout``) afterwards."""
-    log = (work / "cloud.log").open("w")
+    stopped (SIGTERM, then SIGKILL after ``stop_timeout``) afterwards.  Its log is
+    ``work/<client_id>.log``; ``flags`` are more of its options (``--shared-group``, ``--db``)."""
+    log_path = work / f"{client_id}.log"
+    log = log_path.open("w")
     cloud = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "--broker", broker_url, "cloud", "--allow-unsigned",
-                              "--home", str(work / "cloud"), "--client-id", client_id],
+                              "--home", str(work / "cloud"), "--client-id", client_id, *flags],
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 30
-        while "serving" not in (work / "cloud.log").read_text():
+        while "serving" not in log_path.read_text():
             if time.time() > deadline or cloud.poll() is not None:
-                raise RuntimeError((work / "cloud.log").read_text())
+                raise RuntimeError(log_path.read_text())
             time.sleep(0.1)
         yield cloud
     finally:
