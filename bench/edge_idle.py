@@ -29,8 +29,8 @@ from fedmq.broker.mosquitto import MosquittoProcess
 from fedmq.broker.rpc_client import RpcClient
 
 FEDMQ = Path(sys.executable).with_name("fedmq")
-# What the console script runs, as ``-X importtime`` can see it (it only runs ``fedmq.cli:run``).
-ENTRY = "import sys; sys.argv = ['fedmq', 'edge', '--help']; import fedmq.cli"
+# What a plain ``fedmq edge`` loads before its agent runs (fedmq.cli:run, its lean path, the agent).
+ENTRY = "import fedmq.cli, fedmq.cli.edge_run, fedmq.edge.agent"
 
 
 def status_kb(pid: int) -> dict[str, int]:
