@@ -153,9 +153,11 @@ class Selection:
 
             def write() -> Callable[[], None]:
                 self._upsert([offer.id for offer in fresh], device_id, DeviceTaskState.OFFERED)
-                records = self.events.record_many([EventRecord(
-                    ts=time.time(), component=self.events.component, kind=EventKind.DEVICE_REQUESTED, task=offer.id,
-                    device=device_id, data={"offered": offered}) for offer in fresh])
+                # Built here from checked values: not validated again (15 per first request).
+                now = time.time()
+                records = self.events.record_many([EventRecord.model_construct(
+                    ts=now, component=self.events.component, kind=EventKind.DEVICE_REQUESTED, task=offer.id,
+                    device=device_id, run=None, data={"offered": offered}) for offer in fresh])
 
                 def publish() -> None:
                     for record in records:
