@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from test_cloud import DEVICE_INFO, TASK, pid_alive, spawn_cloud
+from test_security import wait_for
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
@@ -72,16 +73,6 @@ def server_pid(cloud: subprocess.Popen) -> int:
                 if "ftdl.bootstrap" in " ".join(p.cmdline()))
 
 
-def wait_until(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
-
-
 def test_two_replicas_never_both_answer_one_request(mosquitto_broker: Any, replicas: Any) -> None:
     """400 requests, each published once: every one answered exactly once, by either replica."""
     topics = Topics()
@@ -104,7 +95,7 @@ def test_two_replicas_never_both_answer_one_request(mosquitto_broker: Any, repli
             envelope = {"v": 1, "id": request_id, "method": "ping", "args": {},
                         "reply_to": f"{topics.reply_base(caller)}/inbox"}
             sender.publish(f"{topics.prefix}/rpc/tasks/ping/{caller}", codec.encode(envelope, codec.Codec.JSON), qos=1)
-        wait_until(lambda: sum(answers.values()) >= len(ids))
+        wait_for(lambda: sum(answers.values()) >= len(ids))
         time.sleep(1.0)  # a second answer would arrive by now
         assert set(answers) == set(ids) and set(answers.values()) == {1}
         assert sorted(served_by) == sorted(p.pid for p in replicas.values())  # both took a share
@@ -130,9 +121,9 @@ def test_a_stop_served_by_the_other_replica_stops_the_owners_server(mosquitto_br
         other = next(name for name in replicas if name != owner)
         # Mosquitto hands a shared subscription's messages round robin: once a ping is answered
         # by the owner, the next tasks call goes to the other replica.
-        wait_until(lambda: op.call("tasks", "ping")["pid"] == replicas[owner].pid)
+        wait_for(lambda: op.call("tasks", "ping")["pid"] == replicas[owner].pid)
         assert op.call("tasks", "stop", {"task": "t"}, timeout=30)["state"] == "stopped"
-        wait_until(lambda: not pid_alive(pid))
+        wait_for(lambda: not pid_alive(pid))
         stopped = [e for e in op.call("events", "list", {"task": "t"})["items"] if e["kind"] == "task_stopped"]
         assert [e["data"]["replica"] for e in stopped] == [other]  # the other replica served the stop
         assert op.call("tasks", "get", {"task": "t"})["owner"] is None
@@ -158,8 +149,8 @@ def test_a_killed_replicas_running_tasks_fail_and_their_servers_end(mosquitto_br
         survivor = next(name for name in replicas if name != owner)
         replicas[owner].send_signal(signal.SIGKILL)
         replicas[owner].wait(10)
-        wait_until(lambda: not pid_alive(pid))
-        task = wait_until(lambda: (t := op.call("tasks", "get", {"task": "t"}, timeout=30))["state"] == "failed" and t)
+        wait_for(lambda: not pid_alive(pid))
+        task = wait_for(lambda: (t := op.call("tasks", "get", {"task": "t"}, timeout=30))["state"] == "failed" and t)
         assert f"replica {owner}" in task["last_error"] and task["owner"] is None
         failed = [e for e in op.call("events", "list", {"task": "t"})["items"] if e["kind"] == "task_failed"]
         assert len(failed) == 1  # handled once

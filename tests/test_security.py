@@ -224,14 +224,14 @@ def test_revocation_disconnects_at_once_and_keeps_out(secured: Secured) -> None:
     def online() -> bool | None:
         return next((d["online"] for d in operator.all_items("devices", "list") if d["id"] == "dev-gone"), None)
 
-    _wait_for(lambda: online() is True, 10)
+    wait_for(lambda: online() is True, 10)
     registry.revoke("dev-gone")
     deadline = time.monotonic() + 5
     while conn.connected.is_set() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not conn.connected.is_set()
     # Its last will is not delivered (its ACL is gone with it): the cloud says it is offline.
-    _wait_for(lambda: online() is False, 10)
+    wait_for(lambda: online() is False, 10)
     again = MqttConnection(creds.clientid or "x", secured.url_of("dev-gone", creds.password))
     with pytest.raises(BrokerUnavailable):
         again.start(timeout=2, fail_fast=True)
@@ -240,7 +240,7 @@ def test_revocation_disconnects_at_once_and_keeps_out(secured: Secured) -> None:
     creds = registry.add("dev-rot", Role.DEVICE)
     live = secured.connect("dev-rot", creds.password, creds.clientid)
     fresh = registry.rotate("dev-rot")
-    _wait_for(lambda: not live.connected.is_set(), 5)  # closed at once, and cannot come back
+    wait_for(lambda: not live.connected.is_set(), 5)  # closed at once, and cannot come back
     live.stop()
     old = MqttConnection(creds.clientid or "x", secured.url_of("dev-rot", creds.password))
     with pytest.raises(BrokerUnavailable):
@@ -426,7 +426,7 @@ def test_a_reused_pid_is_never_signalled() -> None:
             innocent.kill()
 
 
-def _wait_for(predicate: Any, timeout: float = 10.0) -> Any:
+def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -453,9 +453,9 @@ def test_events_published_while_the_cloud_is_down_arrive_when_it_returns(tmp_pat
         edge.stop()
         cloud = CloudApp(config).start()
         try:
-            got = _wait_for(lambda: [e for e in operator.all_items("events", "list", {"task": "down"})
+            got = wait_for(lambda: [e for e in operator.all_items("events", "list", {"task": "down"})
                                      if e["kind"] == "client_info"] or None)
-            _wait_for(lambda: len([e for e in operator.all_items("events", "list", {"task": "down"})
+            wait_for(lambda: len([e for e in operator.all_items("events", "list", {"task": "down"})
                                    if e["kind"] == "client_info"]) == 5)
             assert got and {e["device"] for e in got} == {"dev-q"}
         finally:
@@ -487,7 +487,7 @@ def test_a_stop_lost_in_a_broker_crash_still_reaches_the_device(tmp_path: Path) 
             operator.call("tasks", "stop", {"task": "crash"})  # ...its stop is queued...
             mosq.kill()                                        # ...and the broker crashes
             mosq.start()
-            _wait_for(cloud.connection.connected.is_set, 30)
+            wait_for(cloud.connection.connected.is_set, 30)
             seen: queue.Queue[tuple[str, Any]] = queue.Queue()
             device_conn = MqttConnection("fedmq-edge-dev-c", mosq.url, persistent=True)
             for topic in (TOPICS.device_cmd("dev-c"), TOPICS.task("crash")):
@@ -545,7 +545,7 @@ def test_tls_and_credentials_end_to_end(tmp_path: Path) -> None:
             op_conn = MqttConnection(new_client_id("op"), f"mqtts://op-tls:{op.password}@localhost:{mosq.port}"
                                                           f"?ca={ca}").start(timeout=10)
             operator = RpcClient(op_conn, "op-tls").start()
-            _wait_for(lambda: any(d["id"] == "dev-tls" and d["online"] for d in operator.all_items("devices", "list")),
+            wait_for(lambda: any(d["id"] == "dev-tls" and d["online"] for d in operator.all_items("devices", "list")),
                       20)
             op_conn.stop()
             agent.stop()
