@@ -34,7 +34,20 @@ from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.edge.bundle_fetch")
 
-DEFAULT_WINDOW = 32  # chunks subscribed at a time; refilled in batches of half of it
+# Flow control: the chunks subscribed at a time.  What is in flight waits in the broker's queue for
+# this client and in the kernel's socket buffers -- the process itself holds one chunk at a time --
+# so the window is sized to hide the broker's reply latency (a busy broker takes 100+ ms to answer
+# a SUBSCRIBE), not by device memory.  By default 8 MiB of chunks (128 of 64 KiB), at most 256: far
+# below Mosquitto's per-client queue (max_queued_messages, default 1000).
+DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+MAX_WINDOW = 256
+# A fresh download of at most this much is asked for with one wildcard subscription instead: the
+# broker then walks its retained tree once and streams every chunk (a third of the broker CPU of
+# exact subscriptions, measured in bench.bundles).  Bounded so that everything queued at once for
+# the client stays far inside Mosquitto's per-client queue (max_queued_messages 1000 by default,
+# 10,000 and max_queued_bytes 100 MB in the shipped mosquitto.conf).
+STREAM_MAX_CHUNKS = 512
+STREAM_MAX_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -64,8 +77,11 @@ class _Download:
                  missing: list[int]) -> None:
         self.fetcher, self.manifest, self.path = fetcher, manifest, path
         self.client = fetcher.connection.client
-        self.window = fetcher.window
+        self.window = fetcher.window or max(8, min(MAX_WINDOW, DEFAULT_WINDOW_BYTES // manifest.chunk_size))
+        self.batch = max(1, self.window // 4)
         self.prefix = fetcher.topics.bundle_chunk(manifest.digest, 0)[:-1]
+        self.stream = (fetcher.window is None and len(missing) == manifest.chunk_count
+                       and manifest.chunk_count <= STREAM_MAX_CHUNKS and manifest.size <= STREAM_MAX_BYTES)
         self.pending = list(reversed(missing))
         self.outstanding: set[int] = set()
         self.received_topics: list[str] = []
@@ -78,8 +94,13 @@ class _Download:
         self.client.message_callback_add(self.prefix + "+", self._on_message)
 
     def request_more(self) -> None:
-        """Top the window up once half of it has arrived (called with ``done`` held)."""
-        if not self.pending or len(self.outstanding) > self.window // 2:
+        """Top the window up once a quarter of it has arrived (called with ``done`` held)."""
+        if self.stream and self.pending:  # every chunk is missing: one wildcard asks for them all
+            self.outstanding.update(self.pending)
+            self.pending = []
+            self.client.subscribe(self.prefix + "+", 1)
+            return
+        if not self.pending or len(self.outstanding) > self.window - self.batch:
             return
         if self.received_topics:
             self.client.unsubscribe(self.received_topics)
@@ -92,7 +113,8 @@ class _Download:
         self.client.subscribe(batch)  # while disconnected this is a no-op: resubscribe() covers it
 
     def resubscribe(self) -> None:
-        """After a reconnect (paho's thread): ask again for what was in flight."""
+        """After a reconnect (paho's thread): ask again for what was in flight, by exact topics
+        (also after a wildcard: what has arrived is not sent again)."""
         with self.done:
             if self.outstanding and self.failure is None:
                 self.client.subscribe([(self.prefix + str(i), 1) for i in sorted(self.outstanding)])
@@ -125,7 +147,8 @@ class _Download:
                 self.done.notify_all()
                 return
             self.outstanding.discard(index)
-            self.received_topics.append(message.topic)
+            if not self.stream:
+                self.received_topics.append(message.topic)
             self.received += 1
             self.last_activity = time.monotonic()
             self.request_more()
@@ -150,6 +173,8 @@ class _Download:
         content on resume, and deleted once unpacked."""
         with self.done:
             leftover = self.received_topics + [self.prefix + str(i) for i in self.outstanding]
+            if self.stream:
+                leftover = [self.prefix + "+", *(self.prefix + str(i) for i in self.outstanding)]
             self.received_topics, self.outstanding, self.pending = [], set(), []
         if leftover and self.fetcher.connection.connected.is_set():
             self.client.unsubscribe(leftover)
@@ -160,7 +185,7 @@ class _Download:
 class BundleFetcher:
     def __init__(self, connection: MqttConnection, topics: Topics, cache_dir: Path | str, *,
                  trust: TrustStore | None = None, allow_unsigned: bool = False,
-                 limits: Limits = Limits(), window: int = DEFAULT_WINDOW,
+                 limits: Limits = Limits(), window: int | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  on_progress: Callable[[int, int, BundleManifest], None] | None = None) -> None:
         self.connection, self.topics = connection, topics
@@ -168,7 +193,7 @@ class BundleFetcher:
         self.trust = trust
         self.allow_unsigned = allow_unsigned
         self.limits = limits
-        self.window = max(1, window)
+        self.window = None if window is None else max(1, window)  # None: DEFAULT_WINDOW_BYTES of chunks
         self.on_event = on_event or (lambda kind, data: None)
         self.on_progress = on_progress
         (self.cache / "bundles").mkdir(parents=True, exist_ok=True)

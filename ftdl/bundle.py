@@ -264,7 +264,7 @@ _UNREADABLE = (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile
 
 def _open_stream(archive_path: Path) -> tarfile.TarFile:
     tar = tarfile.open(archive_path, mode="r|gz", bufsize=_IO_BLOCK)
-    tar.copybufsize = _IO_BLOCK
+    setattr(tar, "copybufsize", _IO_BLOCK)  # noqa: B010 -- a TarFile attribute typeshed does not declare
     return tar
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -116,6 +117,28 @@ def test_round_trip_cli_push_two_edges(cloud: CloudApp, conns: Any, keys: dict, 
     assert fetcher(conns, tmp_path / "edge0", keys["trust"]).fetch(digest).cached  # second time: cache
     listed = RpcClient(conns.new(), "operator").start().all_items("bundles", "list")
     assert [b["digest"] for b in listed] == [digest] and listed[0]["signer"] == keys["signing"].key_id
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_connection_lost_mid_download_resumes_on_reconnect(window: int | None, cloud: CloudApp, conns: Any,
+                                                             keys: dict, tmp_path: Path) -> None:
+    """Streamed (one wildcard, the default for a fresh bundle) or windowed (exact topics): after a
+    reconnect the chunks still in flight are asked for again and the download completes."""
+    task = make_big_task(tmp_path / "task", 300_000)
+    digest = push_folder(operator(conns), task, key=keys["signing"]).manifest.digest
+    conn = conns.new()
+    dropped: list[int] = []
+
+    def on_progress(done: int, total: int, _manifest: BundleManifest) -> None:
+        if done == 3 and not dropped:  # cut the TCP connection under paho: it reconnects by itself
+            dropped.append(done)
+            conn.client.socket().shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+    result = BundleFetcher(conn, TOPICS, tmp_path / "edge", trust=keys["trust"], window=window,
+                           on_progress=on_progress).fetch(digest, stall_timeout=20)
+    assert dropped and conn.connect_count >= 2
+    assert result.downloaded_chunks == result.total_chunks > 3
+    assert source_files(result.path) == source_files(task)
 
 
 def test_unsigned_bundles_are_refused_unless_allowed(cloud: CloudApp, conns: Any, keys: dict, tmp_path: Path) -> None:
