@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmq.broker.roles import Role
+from fedmq.broker.roles import Role, topic_identity
 from fedmq.broker.topics import DEFAULT_PREFIX
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
@@ -48,12 +48,19 @@ GRANTS: dict[Role, tuple[Grant, ...]] = {
     Role.OPERATOR: _call((*FLEET_READS, Grant("{p}/bundles/#", read=True))),
     Role.VIEWER: _call(FLEET_READS),
     Role.TASK: _call((Grant("{p}/tasks/#", read=True),)),
+    # ``{id}`` is the device a participant identity (``fl.<device>``) stands for: no RPC, no presence
+    Role.PARTICIPANT: (
+        Grant("{p}/tasks/+/fl/{id}/#", publish=True),
+        Grant("{p}/tasks/+/fl/#", read=True),
+        Grant("{p}/tasks/+/events/{id}", publish=True),
+    ),
     Role.SERVICE: (Grant("{p}/#", publish=True, read=True), Grant("$share/+/{p}/rpc/#", read=True)),
 }
 
 
 def grants(role: Role, identity: str, prefix: str = DEFAULT_PREFIX) -> list[Grant]:
-    return [Grant(g.topic.format(p=prefix, id=identity), g.publish, g.read) for g in GRANTS[role]]
+    levels = topic_identity(identity, role)
+    return [Grant(g.topic.format(p=prefix, id=levels), g.publish, g.read) for g in GRANTS[role]]
 
 
 def dynsec_acls(role: Role, identity: str, prefix: str = DEFAULT_PREFIX) -> list[dict[str, object]]:

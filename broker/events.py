@@ -55,6 +55,16 @@ class EventKind(StrEnum):
     CLIENT_FINISHED = "client_finished"
     CLIENT_STOPPED = "client_stopped"
     CLIENT_ERROR = "client_error"
+    # the participants of a serverless task (fedmq.ftdl.serverless), on their own event topics
+    FL_JOINED = "fl_joined"
+    FL_ELECTED = "fl_elected"
+    FL_FAILOVER = "fl_failover"
+    FL_UPDATE_PUBLISHED = "fl_update_published"
+    FL_UPDATE_REJECTED = "fl_update_rejected"
+    FL_ROUND_TIMEOUT = "fl_round_timeout"
+    FL_GLOBAL_PUBLISHED = "fl_global_published"
+    FL_GLOBAL_ACCEPTED = "fl_global_accepted"
+    FL_FINISHED = "fl_finished"
 
 
 # One event per device per task: at fleet scale (10,000 devices x 200 tasks) these would flood

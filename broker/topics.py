@@ -137,6 +137,14 @@ class Topics:
             raise TopicError(f"invalid serverless leaf {leaf!r} (one of {', '.join(FL_LEAVES)})")
         return self._join("tasks", check_id(task, "task"), "fl", "+", leaf)
 
+    def all_fl_globals(self) -> str:
+        """Every participant's ``global`` of every serverless task (what the cloud observes)."""
+        return self._join("tasks", "+", "fl", "+", "global")
+
+    def fl_tree(self, task: str) -> str:
+        """Everything a serverless task's participants published: ``tasks/<task>/fl/#``."""
+        return self._join("tasks", check_id(task, "task"), "fl", "#")
+
     def parse_fl(self, topic: str) -> tuple[str, str, str]:
         """(task, device, leaf) of a ``tasks/<task>/fl/<device>/<leaf>`` topic."""
         head = self.prefix + "/tasks/"

@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.dynsec import DynsecClient
@@ -29,12 +30,14 @@ from fedmq.cloud.mqtt_publisher import MqttPublisher
 from fedmq.cloud.replicas import ReplicaPresence
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import SNAPSHOT_TTL_S, Selection
+from fedmq.cloud.serverless_runs import ServerlessRuns
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 from fedmq.cloud.task_servers import ServerSupervisor, TaskSettings
 from fedmq.cloud.task_service import TaskService
 from fedmq.cloud.write_batch import MAX_DELAY_S, WriteBatcher
 from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE
 from fedmq.ftdl.paths import absolute
+from fedmq.ftdl.serverless.blobs import Blobs
 from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
@@ -108,7 +111,8 @@ class CloudApp:
         self.replica = ReplicaPresence(self.connection, self.topics, config.client_id, self.tasks.replica_lost)
         self.registry = DeviceRegistry(self.db, self.events, self.batcher)
         self.registry.listeners.append(self.selection.device_changed)
-        self.inbound = Inbound(self.registry, self.tasks, self.events)
+        self.serverless = ServerlessRuns(self.tasks, self.history, self._fetch_model)
+        self.inbound = Inbound(self.registry, self.tasks, self.events, self.serverless, self.topics)
         # Replicas take requests (and devices' steps) on a clean session of their own: Mosquitto
         # keeps handing a disconnected persistent session its share of a shared subscription, so
         # a dead replica's share would wait for it; a clean session's share goes to the living.
@@ -142,6 +146,8 @@ class CloudApp:
             # Replicas: who is alive (a dead one's tasks fail here), and a stop made elsewhere.
             self.connection.subscribe(self.topics.all_replica_states(), self.replica.on_state, qos=1, wait=False)
             self.connection.subscribe(self.topics.all_tasks(), self.inbound.on_announcement, qos=1, wait=False)
+            # Serverless runs, observed: every replica hears them, the task's owner records them.
+            self.connection.subscribe(self.topics.all_fl_globals(), self.inbound.on_fl_global, qos=1, wait=False)
         self.server.start(wait=False)
         if isinstance(self.accounts, DynsecAccounts):
             self._ensure_own_role(timeout)
@@ -156,6 +162,10 @@ class CloudApp:
         self.shared_connection.wait_subscribed(timeout)
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
+
+    def _fetch_model(self, task_id: str, owner: str, digest: str) -> list[Any]:
+        """A serverless run's final model, fetched and verified from its owner's blobs."""
+        return Blobs(self.connection, self.topics, task_id).fetch(owner, digest)
 
     def _on_revoked(self, name: str, role: Role) -> None:
         """A revoked device is offline from that moment, for the registry and every dashboard."""

@@ -22,7 +22,10 @@ from fedmq.cloud.ports import Publisher
 TIMELINE_STEPS = (EventKind.TASK_CREATED, EventKind.TASK_STARTED, EventKind.DEVICE_REQUESTED,
                   EventKind.BUNDLE_FETCHED, EventKind.CLIENT_STARTED, EventKind.ROUND_DONE,
                   EventKind.CLIENT_FINISHED, EventKind.TASK_FINISHED, EventKind.TASK_FAILED,
-                  EventKind.TASK_STOPPED, EventKind.CLIENT_ERROR)
+                  EventKind.TASK_STOPPED, EventKind.CLIENT_ERROR,
+                  # serverless: who aggregated each round, failovers, refused updates, each participant's end
+                  EventKind.FL_GLOBAL_PUBLISHED, EventKind.FL_FAILOVER, EventKind.FL_UPDATE_REJECTED,
+                  EventKind.FL_ROUND_TIMEOUT, EventKind.FL_FINISHED)
 
 
 class EventLog:
@@ -84,6 +87,10 @@ def timeline(events: list[EventRecord]) -> list[dict[str, Any]]:
         label = event.kind
         if event.kind == EventKind.ROUND_DONE:
             label = f"round {event.data.get('round')}"
+        elif event.kind == EventKind.FL_GLOBAL_PUBLISHED:  # the device column says who aggregated
+            label = f"{'final' if event.data.get('final') else 'global'} {event.data.get('round')} aggregated"
+        elif event.kind == EventKind.FL_FAILOVER:
+            label = f"failover {event.data.get('round')}: {event.data.get('lost')} -> {event.data.get('aggregator')}"
         rows.append({"step": label, "task": event.task, "component": event.component, "device": event.device,
                      "t_s": round(event.ts - origin, 3), "delta_s": round(event.ts - previous, 3),
                      "ts": event.ts})

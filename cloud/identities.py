@@ -23,7 +23,7 @@ from typing import Protocol
 from peewee import Database
 
 from fedmq.broker.errors import Conflict, Invalid, NotFound
-from fedmq.broker.roles import Role, bound_client_id
+from fedmq.broker.roles import PARTICIPANT_PREFIX, Role, bound_client_id, participant_identity
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.db import Principal, write_transaction
 
@@ -102,6 +102,9 @@ class IdentityRegistry:
             raise Conflict(f"{name!r} is reserved for the role {self._fixed[name]}")
         if name.startswith(TASK_PREFIX) and role is not Role.TASK:
             raise Invalid(f"names starting with {TASK_PREFIX!r} are for tasks' own credentials")
+        if name.startswith(PARTICIPANT_PREFIX) != (role is Role.PARTICIPANT):
+            raise Invalid(f"names starting with {PARTICIPANT_PREFIX!r} are for devices' serverless participants, "
+                          "and only those")
         with self._lock:
             if Principal.get_or_none(Principal.name == name) is not None:
                 raise Conflict(f"{name} exists; rotate its password or revoke it first")
@@ -129,6 +132,11 @@ class IdentityRegistry:
             self._roles.pop(row.name, None)
         for listener in self.revoked_listeners:
             listener(row.name, Role(row.role))
+        if Role(row.role) is Role.DEVICE:  # its serverless participant goes with it
+            try:
+                self.revoke(participant_identity(row.name))
+            except NotFound:
+                pass
 
     def _get(self, name: str) -> Principal:
         row = Principal.get_or_none(Principal.name == self._name(name))
@@ -150,6 +158,19 @@ class IdentityRegistry:
         if Principal.get_or_none(Principal.name == name) is not None:
             self.revoke(name)
         return self.add(name, Role.TASK)
+
+    # --- a device's serverless participant --------------------------------------------------------
+    def for_participant(self, device: str) -> Credentials:
+        """Credentials for a device's serverless participant (role participant, named
+        ``fl.<device>``): a fresh password on every call, which disconnects a previous child still
+        holding the old one.  It may do less than the device itself (its fl level and its steps,
+        no RPC), so it lives as long as the device."""
+        name = participant_identity(self._name(device))
+        if len(name) > 128:
+            raise Invalid(f"device id {device!r} is too long for a participant's credential name")
+        if Principal.get_or_none(Principal.name == name) is not None:
+            return self.rotate(name)
+        return self.add(name, Role.PARTICIPANT)
 
     def end_task(self, task_id: str) -> None:
         try:

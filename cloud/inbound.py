@@ -1,5 +1,6 @@
 """What the cloud hears on the broker besides RPC: devices' presence (``devices/+/state``), task
-announcements (``tasks/+``, for replicas) and the steps edges publish on ``tasks/+/events``.  The
+announcements (``tasks/+``, for replicas), the steps edges publish on ``tasks/+/events`` and the
+global records of serverless participants (``tasks/+/fl/+/global``).  The
 MQTT side of those subscriptions: parse, check, and hand typed values to the domain."""
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import paho.mqtt.client as mqtt
 from fedmq.broker import codec
 from fedmq.broker.events import EventKind, EventRecord
 from fedmq.broker.presence import Presence
-from fedmq.broker.topics import TopicError, check_id
+from fedmq.broker.topics import TopicError, Topics, check_id
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.events import EventLog
+from fedmq.cloud.serverless_runs import ServerlessRuns
 from fedmq.cloud.task_lifecycle import TaskLifecycle
+from fedmq.ftdl.serverless.records import GlobalRecord, RecordError
 
 log = logging.getLogger("fedmq.cloud.inbound")
 MAX_EVENT_BYTES = 16 * 1024
@@ -25,8 +28,10 @@ DROP_REPORT_S = 60.0
 
 
 class Inbound:
-    def __init__(self, registry: DeviceRegistry, lifecycle: TaskLifecycle, events: EventLog) -> None:
+    def __init__(self, registry: DeviceRegistry, lifecycle: TaskLifecycle, events: EventLog,
+                 serverless: ServerlessRuns | None = None, topics: Topics | None = None) -> None:
         self.registry, self.lifecycle, self.events = registry, lifecycle, events
+        self.serverless, self.topics = serverless, topics or Topics()
         self._limiter = RateLimiter(EVENT_RATE, EVENT_BURST)
         self._dropped: dict[str, int] = {}
         self._reported: dict[str, float] = {}
@@ -58,6 +63,19 @@ class Inbound:
             log.warning("ignored announcement on %s: %s", message.topic, exc)
             return
         self.lifecycle.on_announcement(task_id, state, run)
+
+    def on_fl_global(self, message: mqtt.MQTTMessage) -> None:
+        """A serverless participant's retained ``global`` record on ``tasks/<task>/fl/<device>/global``
+        (msgpack); an empty one is a record cleared at the end of a run."""
+        if not message.payload or self.serverless is None:
+            return
+        try:
+            task_id, device, _leaf = self.topics.parse_fl(message.topic)
+            record = GlobalRecord.decode(bytes(message.payload))
+        except (TopicError, RecordError) as exc:
+            log.warning("ignored serverless record on %s: %s", message.topic, exc)
+            return
+        self.serverless.on_global(task_id, device, record)
 
     def on_device_event(self, message: mqtt.MQTTMessage) -> None:
         """A device's step on ``tasks/<task>/events/<device>`` (JSON or msgpack).  The topic names

@@ -9,7 +9,10 @@ the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as muc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
@@ -74,3 +77,29 @@ class MqttPublisher:
                                                  retain=True))
         for info in infos:
             info.wait_for_publish(ACK_TIMEOUT_S)
+
+    def clear_serverless(self, task_id: str, settle_s: float = 1.0, limit_s: float = 30.0) -> int:
+        """Every retained message under ``tasks/<task>/fl/#`` -- the participants' states, updates,
+        globals and blob chunks -- replaced by an empty retained one (which deletes it).  The
+        retained messages arrive on subscribing; they are taken as all there once none has come
+        for ``settle_s``."""
+        found: set[str] = set()
+        last = [time.monotonic()]
+
+        def on_message(message: mqtt.MQTTMessage) -> None:
+            if message.retain and message.payload:
+                found.add(message.topic)
+                last[0] = time.monotonic()
+
+        tree = self.topics.fl_tree(task_id)
+        self.connection.subscribe(tree, on_message, qos=0)
+        try:
+            deadline = time.monotonic() + limit_s
+            while time.monotonic() < deadline and time.monotonic() - last[0] < settle_s:
+                time.sleep(0.05)
+        finally:
+            self.connection.unsubscribe(tree)
+        infos = [self.connection.publish(topic, b"", qos=1, retain=True) for topic in sorted(found)]
+        for info in infos:
+            info.wait_for_publish(ACK_TIMEOUT_S)
+        return len(infos)

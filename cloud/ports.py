@@ -33,3 +33,7 @@ class Publisher(Protocol):
 
     def clear_bundle(self, digest: str) -> None:
         """Take a bundle's retained messages off the broker."""
+
+    def clear_serverless(self, task_id: str) -> int:
+        """Take a serverless task's retained records and blobs (``tasks/<task>/fl/…``) off the
+        broker; returns how many messages were cleared."""

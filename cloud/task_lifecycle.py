@@ -27,6 +27,7 @@ from typing import Any
 from peewee import Database, IntegrityError
 
 from fedmq.broker.events import EventKind
+from fedmq.broker.roles import Role, bound_client_id, participant_identity
 from fedmq.broker.schema import DeviceCommand, DeviceTaskState, TaskState
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.bundle_store import BundleStore, bundle_digest
@@ -43,8 +44,11 @@ from fedmq.cloud.task_views import TaskView, flower_address, load_task, task_vie
 from fedmq.ftdl import TaskEvent
 from fedmq.ftdl.bundle import BundleError, BundleRefused, build_bundle, safe_unpack
 from fedmq.ftdl.channel import ReporterKind
-from fedmq.ftdl.manifest import ManifestError
+from fedmq.ftdl.manifest import FLOWER_MODE as FLOWER
+from fedmq.ftdl.manifest import SERVERLESS_MODE as SERVERLESS
+from fedmq.ftdl.manifest import ManifestError, TaskManifest
 from fedmq.ftdl.process import ProcessIdentity
+from fedmq.ftdl.serverless.config import ServerlessConfig, training_mode
 
 log = logging.getLogger("fedmq.cloud.tasks")
 
@@ -76,6 +80,7 @@ class TaskLifecycle:
         self.events, self.selection, self.servers, self.history = events, selection, servers, history
         self.identities = identities
         self.replica = replica
+        self._manifests: dict[str, TaskManifest] = {}  # by bundle digest: a bundle never changes
         self._lock = threading.RLock()
 
     # --- reading -----------------------------------------------------------------------------
@@ -193,22 +198,26 @@ class TaskLifecycle:
                 raise TaskConflict(f"task {task_id} is already running")
             if not self.store.has(task.bundle):
                 raise TaskNotFound(f"bundle {task.bundle} is not in the store")
-            self._check_code(task.bundle)
-            port = self.servers.pick_port(None if task.auto_port else task.flower_port)
-            if port is None:
-                raise TaskConflict(f"Flower port {task.flower_port} is already in use on the cloud host")
-            folder = self._unpacked(task.bundle)
             run = task.run + 1
-            credentials = self.identities.for_task(task_id)
-            try:
-                server = self.servers.start(task_id, run, folder, self.history.run_path(task_id, run),
-                                            task.args or {}, port, self.on_server_event, credentials)
-            except (ManifestError, OSError) as exc:  # a manifest without a server, say
-                self.identities.end_task(task_id)
-                raise InvalidTask(f"cannot start the task's server: {exc}") from None
+            rounds = self.serverless_rounds(task)
+            if rounds is not None:  # serverless: no server, nothing of the task runs on this host
+                server, port = None, None
+            else:
+                self._check_code(task.bundle)
+                port = self.servers.pick_port(None if task.auto_port else task.flower_port)
+                if port is None:
+                    raise TaskConflict(f"Flower port {task.flower_port} is already in use on the cloud host")
+                folder = self._unpacked(task.bundle)
+                credentials = self.identities.for_task(task_id)
+                try:
+                    server = self.servers.start(task_id, run, folder, self.history.run_path(task_id, run),
+                                                task.args or {}, port, self.on_server_event, credentials)
+                except (ManifestError, OSError) as exc:  # a manifest without a server, say
+                    self.identities.end_task(task_id)
+                    raise InvalidTask(f"cannot start the task's server: {exc}") from None
             task.state, task.run, task.flower_port = TaskState.RUNNING, run, port
             task.started_at, task.finished_at, task.last_error = time.time(), None, None
-            task.current_round, task.total_rounds, task.metrics = 0, None, {}
+            task.current_round, task.total_rounds, task.metrics = 0, rounds, {}
             self.selection.forget(task_id)  # a new run: every device may be offered it again
             task.server_pid = server.pid if server else None
             task.server_started = server.to_text() if server else None
@@ -220,8 +229,50 @@ class TaskLifecycle:
         self.events.record(EventKind.TASK_STARTED, task=task_id, run=run,
                            data={"flower": flower_address(task), "revision": task.revision,
                                  "bundle": task.bundle, "args": task.args, "criteria": task.criteria,
-                                 "replica": self.replica})
+                                 "replica": self.replica, "mode": SERVERLESS if rounds is not None else FLOWER})
         return task
+
+    def _manifest(self, digest: str) -> TaskManifest | None:
+        if digest not in self._manifests:
+            try:
+                self._manifests[digest] = TaskManifest.from_dict(self.store.manifest(digest).task)
+            except (BundleError, ManifestError):
+                return None
+        return self._manifests[digest]
+
+    def serverless_rounds(self, task: Task) -> int | None:
+        """The rounds of a serverless task (its bundle's arguments or the operator's say ``mode =
+        "serverless"``), None for a Flower task; ``InvalidTask`` for arguments that cannot run."""
+        manifest = self._manifest(task.bundle)
+        if manifest is None:
+            return None
+        args = manifest.client_args(task.args or {})
+        try:
+            if training_mode(args) != SERVERLESS:
+                return None
+            return ServerlessConfig.from_args(args).rounds
+        except ValueError as exc:
+            raise InvalidTask(str(exc)) from None
+
+    def participant_credentials(self, task_id: str, device: str) -> dict[str, str | None]:
+        """How a device's participant in a running serverless task connects: on a broker whose
+        identities the cloud manages, as the identity ``fl.<device>`` (a fresh password each time);
+        elsewhere (an open broker, a password file with the ACL's ``%u`` patterns) with the
+        device's own credentials -- ``username`` None -- under the participant's client id."""
+        task = self.get(task_id)
+        if task.state != TaskState.RUNNING or not self.is_serverless(task):
+            raise TaskConflict(f"task {task_id} is not a running serverless task")
+        name = participant_identity(device)
+        if not self.identities.accounts.managed:
+            return {"username": None, "password": None, "client_id": bound_client_id(name, Role.PARTICIPANT)}
+        credentials = self.identities.for_participant(device)
+        return {"username": credentials.name, "password": credentials.password, "client_id": credentials.clientid}
+
+    def is_serverless(self, task: Task) -> bool:
+        try:
+            return self.serverless_rounds(task) is not None
+        except InvalidTask:
+            return False
 
     def _check_code(self, digest: str) -> None:
         """The server entry point and the triggers run on the cloud host: only from a bundle
@@ -268,12 +319,32 @@ class TaskLifecycle:
             task.save()
             self.selection.invalidate()
         self.identities.end_task(task_id)  # the run's credentials end with it
+        if self.is_serverless(task):
+            self._clear_fl_later(task_id, run, self.settings.fl_clear_delay_s)
         self.announce(task)
         self.events.record(_END_EVENTS[state], task=task_id, run=run,
                            data={"reason": reason, "metrics": task.metrics, "replica": self.replica})
         if state != TaskState.FINISHED:  # after a normal finish the clients end with their Flower server
             self._stop_devices(task, reason or state)
         return task
+
+    def _clear_fl_later(self, task_id: str, run: int, delay_s: float) -> None:
+        """A serverless run's retained records and blobs come off the broker when it ends -- once
+        the participants have had time to fetch the final model, or to stop (a stopped one's last
+        will is retained too) -- and not at all if the task has started another run meanwhile."""
+        def clear() -> None:
+            task = Task.get_or_none(Task.id == task_id)
+            if task is not None and (task.run != run or task.state == TaskState.RUNNING):
+                return
+            try:
+                cleared = self.publisher.clear_serverless(task_id)
+                log.info("task %s run %s: cleared %d retained serverless messages", task_id, run, cleared)
+            except Exception:
+                log.exception("could not clear the serverless messages of task %s", task_id)
+
+        timer = threading.Timer(delay_s, clear)
+        timer.daemon = True
+        timer.start()
 
     def _stop_devices(self, task: Task, reason: str) -> None:
         for device in self.selection.take_active(task.id):
@@ -334,6 +405,9 @@ class TaskLifecycle:
     def _fail_orphans(self, owned: Any, reason: str, kill_recorded: bool) -> list[str]:
         failed = []
         for task in Task.select().where((Task.state == TaskState.RUNNING) & owned):
+            if self.is_serverless(task):  # no server died: the run goes on without the cloud
+                self._adopt(task)
+                continue
             if kill_recorded and self.servers.pid(task.id) is None:
                 recorded = ProcessIdentity.from_text(task.server_started)
                 if recorded is not None:
@@ -352,6 +426,20 @@ class TaskLifecycle:
             self._stop_devices(ended, reason)
             failed.append(ended.id)
         return failed
+
+    def _adopt(self, task: Task) -> None:
+        """A serverless run observed by a replica that is gone (or by this one before a restart):
+        this replica records it from now on (one survivor wins the conditional update); the
+        participants' retained records let it catch up."""
+        claimed = Task.update(owner=self.replica).where(
+            (Task.id == task.id) & (Task.run == task.run) & (Task.state == TaskState.RUNNING) &
+            (Task.owner == task.owner if task.owner is not None else Task.owner.is_null())).execute()
+        if claimed:
+            log.info("task %s run %s (serverless) is observed by %s from now on", task.id, task.run, self.replica)
+
+    def observes(self, task: Task) -> bool:
+        """Whether this replica records the task's serverless rounds (its owner does)."""
+        return task.owner in (None, self.replica)
 
     def on_announcement(self, task_id: str, state: str, run: int) -> None:
         """Any replica may stop a task, but only the owner's host runs its server: the owner

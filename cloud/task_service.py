@@ -104,6 +104,13 @@ class TaskService:
         """A device asks which tasks it may run: eligible running tasks, by priority then age."""
         return [offer.model_dump(mode="json") for offer in self.selection.request(ctx.caller)]
 
+    @rpc(roles=DEVICES)
+    def participate(self, ctx: CallContext, task: str) -> dict[str, Any]:
+        """A device about to train in a running serverless task asks how its participant (the
+        task's client child) connects to the broker: ``{username, password, client_id}``
+        (``username`` None: with the device's own credentials)."""
+        return self.lifecycle.participant_credentials(task, ctx.caller)
+
     @rpc(roles=READERS)
     def runs(self, task: str, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
         """The task's runs: parameters, bundle, start, end, final metrics (a page of them)."""

@@ -32,6 +32,7 @@ from fedmq.broker.roles import CLIENT_IDS, Role
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
 from fedmq.broker.topics import TopicError, Topics, check_id
+from fedmq.broker.urls import with_credentials
 from fedmq.edge.config import EdgeConfig
 from fedmq.edge.info import gather
 from fedmq.edge.policy import get_policy
@@ -209,8 +210,8 @@ class EdgeAgent:
     def _start(self, offer: Offer) -> None:
         from fedmq.ftdl import start_task
         from fedmq.ftdl.bundle import BundleError
-        from fedmq.ftdl.manifest import ManifestError
-        from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS
+        from fedmq.ftdl.manifest import SERVERLESS_MODE, ManifestError, load_manifest
+        from fedmq.ftdl.reporter import ENV_FLOWER_ADDRESS, ENV_OUTPUT_DIR, ENV_RUN
 
         task, revision, run = offer.id, offer.revision, offer.run
         try:  # the fetcher's own events (started, fetched, refused) go out as this task's
@@ -222,13 +223,21 @@ class EdgeAgent:
             return
         if self._stale(task, run):
             return
+        log_dir = self.work / "runs" / task / str(run)
         try:
+            manifest = load_manifest(result.path)
+            serverless = manifest.training_mode(offer.args) == SERVERLESS_MODE
+            env = {ENV_FLOWER_ADDRESS: offer.flower or ""}
+            rpc = None  # a Flower client gets no broker credentials: the device's own stay with the agent
+            if serverless:
+                rpc = self._participant(task)
+                if rpc is None:
+                    return
+                env.update({ENV_RUN: str(run), ENV_OUTPUT_DIR: str(log_dir)})
             process = start_task(
-                result.path, "client", task_id=task, log_dir=self.work / "runs" / task / str(run),
+                result.path, "client", task_id=task, log_dir=log_dir,
                 on_event=lambda event: self._client_event(task, revision, run, event),
-                args=offer.args, data_dir=self.config.data_dir,
-                env={ENV_FLOWER_ADDRESS: offer.flower or ""},
-                # No broker credentials for task code: the device's own stay with the agent.
+                args=manifest.client_args(offer.args), data_dir=self.config.data_dir, rpc=rpc, env=env,
                 time_limit_s=self.config.client_time_limit_s)
         except (ManifestError, OSError) as exc:
             self._failed(task, revision, f"cannot start the client: {exc}")
@@ -236,7 +245,25 @@ class EdgeAgent:
         with self._lock:
             self.current = _Current(task, revision, run, process)
         self._info_dirty = True
-        self.publish_event(task, EventKind.CLIENT_STARTED, {"revision": revision, "flower": offer.flower}, run)
+        self.publish_event(task, EventKind.CLIENT_STARTED, {"revision": revision, "flower": offer.flower,
+                                                            "mode": "serverless" if serverless else "flower"}, run)
+
+    def _participant(self, task: str) -> dict[str, str] | None:
+        """A serverless participant speaks on the broker itself, on a connection of its own, on
+        this device's fl level: with the credentials the cloud gives it (``tasks.participate``),
+        or the device's own under the participant's client id.  None: the cloud did not answer
+        (tried again soon; not the task's failure)."""
+        try:
+            answer = self.rpc.call("tasks", "participate", {"task": task}, timeout=self.config.rpc_timeout_s)
+        except RpcError as exc:
+            log.warning("%s: no participant credentials for %s (%s); trying again soon", self.device, task, exc)
+            self._retry_at = time.time() + retry_delay(1, self._random)
+            return None
+        broker = self.config.broker
+        if answer.get("username"):
+            broker = with_credentials(broker, answer["username"], answer.get("password"))
+        return {"broker": broker, "prefix": self.config.prefix, "caller": self.device,
+                "client_id": str(answer.get("client_id") or "")}
 
     def _stale(self, task: str, run: int) -> bool:
         announced = self.announcements.get(task)

@@ -43,6 +43,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
 MAX_TRIGGER_TIMEOUT_S = 3600.0
 _SECTIONS = ("task", "server", "client", "triggers", "requirements")
+# The training modes, here so that reading a manifest needs no numpy (fedmq.ftdl.serverless re-exports them).
+FLOWER_MODE, SERVERLESS_MODE = "flower", "serverless"
 
 
 class ManifestError(ValueError):
@@ -119,6 +121,22 @@ class TaskManifest(_Strict):
         if point is None:
             raise ManifestError([f"the task has no {role} entry point"])
         return point
+
+    def client_args(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The arguments the client entry point runs with: its ``[client] args`` under the
+        operator's ``args``.  In serverless mode (``mode = "serverless"`` in either, or in the
+        ``[server] args``) the server's defaults (rounds, min_clients, ...) come in between: no
+        server runs to take them, the participants do."""
+        client = self.client.args if self.client else {}
+        server = self.server.args if self.server else {}
+        merged = {**client, **(args or {})}
+        if merged.get("mode", server.get("mode")) == SERVERLESS_MODE:
+            merged = {**client, **server, **(args or {})}
+        return merged
+
+    def training_mode(self, args: dict[str, Any] | None = None) -> str:
+        """``flower`` or ``serverless`` (whatever else was written, as written: the caller checks)."""
+        return str(self.client_args(args).get("mode", FLOWER_MODE))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -26,6 +26,7 @@ ENV_PREFIX = "FEDMQ_PREFIX"
 ENV_CALLER = "FEDMQ_CALLER"
 ENV_CLIENT_ID = "FEDMQ_CLIENT_ID"  # the one client id these credentials may connect with
 ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"  # host:port of the task's Flower server
+ENV_RUN = "FEDMQ_RUN"  # the task's run number (a serverless participant's records carry it)
 ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"  # where a server saves its final model (an absolute path)
 MODEL_FILE = "model.npz"             # the final global model, in that folder
 

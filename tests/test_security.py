@@ -117,7 +117,8 @@ NOPE = "0" * 64
 HARMLESS: dict[str, dict[str, Any]] = {
     "tasks.create": {"name": "m", "bundle": NOPE}, "tasks.get": {"task": "nope"}, "tasks.list": {},
     "tasks.update": {"task": "nope", "priority": 1}, "tasks.start": {"task": "nope"}, "tasks.stop": {"task": "nope"},
-    "tasks.delete": {"task": "nope"}, "tasks.request": {}, "tasks.runs": {"task": "nope"},
+    "tasks.delete": {"task": "nope"}, "tasks.request": {}, "tasks.participate": {"task": "nope"},
+    "tasks.runs": {"task": "nope"},
     "tasks.metrics": {"task": "nope"}, "tasks.logs": {"task": "nope"}, "tasks.model": {"task": "nope"},
     "devices.update_info": {"info": DEVICE_INFO}, "devices.get_info": {"device": "dev-1"}, "devices.list": {},
     "bundles.upload_begin": {"manifest": {}}, "bundles.upload_chunk": {"digest": NOPE, "index": 0, "data": b"x"},
@@ -129,10 +130,10 @@ HARMLESS: dict[str, dict[str, Any]] = {
 }
 # What the roles may do, written out: the services' declarations must say the same.
 EXPECTED = {
-    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "devices.update_info"},
+    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "tasks.participate", "devices.update_info"},
     Role.VIEWER: {"tasks.get", "tasks.list", "tasks.runs", "tasks.metrics", "tasks.logs", "tasks.model",
                   "devices.get_info", "devices.list", "bundles.list", "bundles.get", "events.list", "events.timeline"},
-    Role.DEVICE: {"tasks.request", "devices.update_info", "devices.get_info"},
+    Role.DEVICE: {"tasks.request", "tasks.participate", "devices.update_info", "devices.get_info"},
     Role.SERVICE: {"tasks.get", "tasks.list", "tasks.runs", "tasks.metrics", "tasks.logs", "tasks.model",
                    "devices.get_info", "devices.list", "bundles.list", "bundles.get", "bundles.publish",
                    "events.list", "events.timeline", "identities.add", "identities.rotate", "identities.revoke",

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmq.broker.schema import problems
 from fedmq.ftdl.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fedmq.ftdl.manifest import FLOWER_MODE as FLOWER
+from fedmq.ftdl.manifest import SERVERLESS_MODE as SERVERLESS
 
-FLOWER, SERVERLESS = "flower", "serverless"
 MODES = (FLOWER, SERVERLESS)
 
 

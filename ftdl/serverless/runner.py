@@ -41,6 +41,7 @@ from fedmq.broker.events import EventRecord, publish_event
 from fedmq.broker.presence import OFFLINE, ONLINE
 from fedmq.broker.topics import DEFAULT_PREFIX, Topics
 from fedmq.ftdl.chunks import ChunkError
+from fedmq.ftdl.reporter import ENV_RUN
 from fedmq.ftdl.serverless.aggregate import AggregateFn, resolve, weighted_average
 from fedmq.ftdl.serverless.blobs import ArraySpec, BlobManifest, Blobs, specs
 from fedmq.ftdl.serverless.config import ServerlessConfig
@@ -59,7 +60,6 @@ from fedmq.ftdl.serverless.view import SeenGlobal, View
 
 log = logging.getLogger("fedmq.ftdl.serverless")
 
-ENV_RUN = "FEDMQ_RUN"
 
 
 class NumPyClientLike(Protocol):
@@ -140,6 +140,7 @@ class ServerlessRunner:
 
     def emit(self, kind: FlEvent, **data: Any) -> None:
         record = EventRecord(component=f"fl:{self.device}", kind=kind.value, task=self.task, device=self.device,
+                             run=int(self.run) if self.run.isdigit() else None,  # the cloud files it by run
                              data={"run": self.run, **data})
         try:
             publish_event(self.connection, self.topics, record, as_device=True)
