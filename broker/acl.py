@@ -54,7 +54,8 @@ GRANTS: dict[Role, tuple[Grant, ...]] = {
         Grant("{p}/tasks/+/fl/#", read=True),
         Grant("{p}/tasks/+/events/{id}", publish=True),
     ),
-    Role.SERVICE: (Grant("{p}/#", publish=True, read=True), Grant("$share/+/{p}/rpc/#", read=True)),
+    # Replicas share requests and devices' steps through $share subscriptions.
+    Role.SERVICE: (Grant("{p}/#", publish=True, read=True), Grant("$share/+/{p}/#", read=True)),
 }
 
 

@@ -32,7 +32,7 @@ class TaskSettings:
     flower_advertise: str = "127.0.0.1"
     server_time_limit_s: float | None = None
     allow_unsigned_code: bool = False  # development only: run server code from unsigned bundles
-    fl_clear_delay_s: float = 20.0     # an ended serverless run's records stay this long (the final model's fetchers, stops)
+    fl_clear_delay_s: float = 20.0  # an ended serverless run's records stay this long (final model fetchers, stops)
 
     def __post_init__(self) -> None:
         require_absolute(self.home, "the cloud home")
