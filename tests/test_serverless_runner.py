@@ -182,7 +182,10 @@ def test_late_joiner_adopts_the_current_global_and_contributes(embedded_broker: 
     done = finished(results, threads)
     assert_agreement(done, ["dev-a", "dev-b"])
     late = done["dev-late"]
-    assert late.accepted[0][0] >= 2                    # it joined a run under way
+    # It joined the run under way: its first global is never round 0.  (Each aggregator's latest
+    # global stays retained under its own level, so a joiner may hear round 1's before round 2's:
+    # CI once saw it accept 1, then 2.)
+    assert late.accepted[0][0] >= 1 and max(r for r, *_ in late.accepted) >= 2
     assert late.digest == done["dev-a"].digest
     contributed = [e for e in events.drain() if e["kind"] == "fl_global_published"
                    and "dev-late" in e["data"].get("contributors", [])]
