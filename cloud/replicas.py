@@ -18,7 +18,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from fedmq.broker.connection import MqttConnection, Will
-from fedmq.broker.presence import OFFLINE, ONLINE, Presence
+from fedmq.broker.presence import OFFLINE, ONLINE, Presence, PresenceState
 from fedmq.broker.topics import TopicError, Topics, check_id
 
 log = logging.getLogger("fedmq.cloud.replicas")
@@ -39,16 +39,17 @@ class ReplicaPresence:
         self.session = max(self.session + 1, int(time.time() * 1000))
         return Will(self.topics.replica_state(self.replica), Presence(state=OFFLINE, session=self.session).encode())
 
-    def birth(self, _session_present: bool = False) -> None:
-        self.connection.publish(self.topics.replica_state(self.replica),
-                                Presence(state=ONLINE, session=self.session).encode(), qos=1, retain=True)
+    def _say(self, state: PresenceState) -> mqtt.MQTTMessageInfo:
+        return self.connection.publish(self.topics.replica_state(self.replica),
+                                       Presence(state=state, session=self.session).encode(), qos=1, retain=True)
+
+    def birth(self) -> None:
+        self._say(ONLINE)
 
     def goodbye(self, timeout: float = 5.0) -> None:
         """A clean stop fires no last will: say offline ourselves (our servers are stopped)."""
-        info = self.connection.publish(self.topics.replica_state(self.replica),
-                                       Presence(state=OFFLINE, session=self.session).encode(), qos=1, retain=True)
         try:
-            info.wait_for_publish(timeout)
+            self._say(OFFLINE).wait_for_publish(timeout)
         except (RuntimeError, ValueError):
             log.warning("could not say offline before stopping (the last will is not sent on a clean stop)")
 
