@@ -39,6 +39,8 @@ GRANTS: dict[Role, tuple[Grant, ...]] = {
     Role.DEVICE: _call((
         Grant("{p}/devices/{id}/state", publish=True, read=True),   # its birth and its last will
         Grant("{p}/devices/{id}/cmd", read=True),
+        Grant("{p}/devices/{id}/models", read=True),                # the models it should run
+        Grant("{p}/models/#", read=True),                           # their files, in chunks
         Grant("{p}/tasks/+", read=True),                            # announcements
         Grant("{p}/tasks/+/events/{id}", publish=True),             # its own steps, under its own name
         Grant("{p}/tasks/+/fl/{id}/#", publish=True),               # serverless: its state, updates, globals, blobs

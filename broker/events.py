@@ -65,6 +65,21 @@ class EventKind(StrEnum):
     FL_GLOBAL_PUBLISHED = "fl_global_published"
     FL_GLOBAL_ACCEPTED = "fl_global_accepted"
     FL_FINISHED = "fl_finished"
+    # the model lifecycle: lineage, the registry, deployments, the desired state from a file
+    CLIENT_DATA = "client_data"                  # a device's fingerprint of the data it trained on
+    MODEL_REGISTERED = "model_registered"
+    MODEL_NOT_REGISTERED = "model_not_registered"  # a task's register_if said no (and why)
+    DEPLOYMENT_CREATED = "deployment_created"
+    DEPLOYMENT_STAGE_STARTED = "deployment_stage_started"
+    DEPLOYMENT_DEVICE_REPORTED = "deployment_device_reported"
+    DEPLOYMENT_STAGE_PASSED = "deployment_stage_passed"
+    DEPLOYMENT_PAUSED = "deployment_paused"
+    DEPLOYMENT_RESUMED = "deployment_resumed"
+    DEPLOYMENT_ROLLED_BACK = "deployment_rolled_back"
+    DEPLOYMENT_COMPLETED = "deployment_completed"
+    MODEL_INSTALLED = "model_installed"          # a device, about a model it now runs (or failed to)
+    MODEL_INSTALL_FAILED = "model_install_failed"
+    FLEET_APPLIED = "fleet_applied"              # fedmq apply: what changed, with the file's digest
 
 
 # One event per device per task: at fleet scale (10,000 devices x 200 tasks) these would flood

@@ -96,6 +96,18 @@ class Topics:
     def device_cmd(self, device: str) -> str:
         return self._join("devices", check_id(device, "device"), "cmd")
 
+    def device_models(self, device: str) -> str:
+        """The models a device should run (retained, the cloud's desired state for it)."""
+        return self._join("devices", check_id(device, "device"), "models")
+
+    def model_blob(self, digest: str, index: int | None = None) -> str:
+        """``models/<sha256>/manifest`` (``index`` None) or ``models/<sha256>/<index>``: a registered
+        model's file in retained chunks, as bundles travel."""
+        leaf = "manifest" if index is None else str(index)
+        if index is not None and (not isinstance(index, int) or index < 0):
+            raise TopicError(f"invalid chunk index {index!r}")
+        return self._join("models", check_digest(digest), leaf)
+
     def task(self, task: str) -> str:
         return self._join("tasks", check_id(task, "task"))
 

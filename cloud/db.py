@@ -95,6 +95,7 @@ class Task(BaseModel):
     server_started = TextField(null=True)  # the server process's identity, so a reused pid is never signalled
     run = IntegerField(default=0)
     owner = CharField(max_length=128, null=True)  # the replica whose host runs the Flower server
+    lifecycle = JSONField(default=dict)  # what happens to a finished run's model: {model, register_if}
 
 
 class TaskDevice(BaseModel):
@@ -130,7 +131,82 @@ class Event(BaseModel):
     data = JSONField(default=dict)
 
 
-MODELS = [SchemaVersion, Device, Task, TaskDevice, Principal, Event]
+class ModelVersion(BaseModel):
+    """A registered model: NAME:VERSION, the run it came from (its lineage, frozen at registration)
+    and that run's final metrics.  The file itself lives under ``<home>/models/<name>/<version>/``."""
+
+    name = CharField(max_length=128)
+    version = IntegerField()
+    task = CharField(max_length=128)
+    run = IntegerField()
+    sha256 = CharField(max_length=64)
+    size = IntegerField()
+    metrics = JSONField(default=dict)
+    lineage = JSONField(default=dict)
+    note = TextField(default="")
+    created = FloatField(default=time.time)
+    created_by = CharField(max_length=128, default="")
+
+    class Meta:
+        primary_key = CompositeKey("name", "version")
+
+
+class Deployment(BaseModel):
+    """One roll-out of NAME:VERSION to the devices its criteria select, stage by stage."""
+
+    id = CharField(primary_key=True, max_length=128)
+    name = CharField(max_length=128)
+    version = IntegerField()
+    criteria = TextField(default="")
+    stages = JSONField(default=list)          # cumulative fractions of the selected devices, e.g. [0.05, 0.25, 1.0]
+    max_failure_rate = FloatField(default=0.0)
+    health = TextField(default="")            # an expression over what the device's [deploy] entry point reports
+    stage_timeout_s = FloatField(default=600.0)
+    signature = TextField(null=True)          # the operator's Ed25519 signature over the model's identity
+    key_id = CharField(max_length=32, null=True)
+    state = CharField(max_length=16, index=True)
+    stage = IntegerField(default=0)           # index into stages of the stage under way
+    stage_started = FloatField(null=True)
+    reason = TextField(default="")            # why it is in its state (the last decision)
+    created = FloatField(default=time.time)
+    updated = FloatField(default=time.time)
+    created_by = CharField(max_length=128, default="")
+
+
+class DeploymentDevice(BaseModel):
+    """A device a deployment chose, the stage that chose it, what it had before, what it reported."""
+
+    deployment = CharField(max_length=128)
+    device = CharField(max_length=128)
+    stage = IntegerField()
+    state = CharField(max_length=16)          # sent | healthy | unhealthy | rolled_back
+    previous = IntegerField(null=True)        # the version of the model it had (None: none)
+    metrics = JSONField(default=dict)
+    error = TextField(null=True)
+    updated = FloatField(default=time.time)
+
+    class Meta:
+        primary_key = CompositeKey("deployment", "device")
+
+
+class DeviceModel(BaseModel):
+    """The desired state: which version of each model a device should run (the cloud publishes it
+    retained on ``devices/<device>/models``, so a device that was offline gets it on return) and
+    which version it last said it runs."""
+
+    device = CharField(max_length=128)
+    name = CharField(max_length=128)
+    version = IntegerField()                  # desired
+    deployment = CharField(max_length=128, null=True)
+    installed = IntegerField(null=True)       # reported
+    updated = FloatField(default=time.time)
+
+    class Meta:
+        primary_key = CompositeKey("device", "name")
+
+
+MODELS = [SchemaVersion, Device, Task, TaskDevice, Principal, Event, ModelVersion, Deployment, DeploymentDevice,
+          DeviceModel]
 
 
 def write_transaction(db: Database) -> Any:
@@ -190,7 +266,16 @@ def _v3(db: Database) -> None:
         migrate_schema(migrator.add_column("task", "owner", CharField(max_length=128, null=True)))
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3]
+def _v4(db: Database) -> None:
+    """The model lifecycle: registered models, deployments, each device's desired models; a task's
+    lifecycle policy."""
+    db.create_tables([ModelVersion, Deployment, DeploymentDevice, DeviceModel])
+    if "lifecycle" not in {column.name for column in db.get_columns("task")}:
+        migrator = SchemaMigrator.from_database(db)
+        migrate_schema(migrator.add_column("task", "lifecycle", JSONField(default=dict)))
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
