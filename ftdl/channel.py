@@ -35,6 +35,7 @@ class ReporterKind(StrEnum):
     TRIGGER = "trigger"
     LOG = "log"
     FINISHED = "finished"
+    HEALTH = "health"  # a deploy entry point's verdict on the model it loaded (docs/lifecycle.md)
 
 
 class _Data(BaseModel):
@@ -65,11 +66,15 @@ class LogData(_Data):
     message: str
 
 
+class HealthData(_Data):
+    metrics: dict[str, Any]
+
+
 # The shape each kind's data must have; a frame that breaks it is dropped like garbage.
 DATA_SHAPES: dict[ReporterKind, type[_Data]] = {
     ReporterKind.STATS: StatsData, ReporterKind.PROGRESS: ProgressData, ReporterKind.ERROR: ErrorData,
     ReporterKind.TRIGGER: TriggerData, ReporterKind.LOG: LogData, ReporterKind.INFO: _Data,
-    ReporterKind.FINISHED: _Data}
+    ReporterKind.FINISHED: _Data, ReporterKind.HEALTH: HealthData}
 
 
 @dataclass

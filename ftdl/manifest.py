@@ -16,6 +16,9 @@ every problem listed, never half-used.
     entry = "client.py"
     args = { epochs = 1 }
 
+    [deploy]
+    entry = "deploy.py"          # loads a registered model, evaluates it on the device's data
+
     [triggers.lower_lr]
     command = ["python", "triggers/lower_lr.py"]
     timeout_s = 30
@@ -38,11 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmq.broker.schema import Requirements, problem
 
 MANIFEST_NAME = "fedmq.toml"
-ROLES = ("server", "client")
+ROLES = ("server", "client", "deploy")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
 MAX_TRIGGER_TIMEOUT_S = 3600.0
-_SECTIONS = ("task", "server", "client", "triggers", "requirements")
+_SECTIONS = ("task", "server", "client", "deploy", "triggers", "requirements")
 # The training modes, here so that reading a manifest needs no numpy (fedmq.ftdl.serverless re-exports them).
 FLOWER_MODE, SERVERLESS_MODE = "flower", "serverless"
 
@@ -96,6 +99,8 @@ class ManifestFile(_Strict):
     task: _TaskSection
     server: EntryPoint | None = None
     client: EntryPoint | None = None
+    # A device runs it when a model this task trained is deployed to it (docs/lifecycle.md).
+    deploy: EntryPoint | None = None
     triggers: dict[Annotated[str, Field(pattern=NAME_PATTERN)], _TriggerSection] = Field(default_factory=dict)
     requirements: Requirements = Field(default_factory=Requirements)
 
@@ -115,6 +120,7 @@ class TaskManifest(_Strict):
     client: EntryPoint | None
     triggers: dict[str, TriggerSpec]
     requirements: Requirements
+    deploy: EntryPoint | None = None
 
     def entry(self, role: str) -> EntryPoint:
         point = getattr(self, role, None) if role in ROLES else None
@@ -139,7 +145,9 @@ class TaskManifest(_Strict):
         return str(self.client_args(args).get("mode", FLOWER_MODE))
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # Without a [deploy] entry the dict is what it was before the section existed: the bundle
+        # manifests (and the bytes their signatures cover) of such tasks do not change.
+        return self.model_dump(mode="json", exclude={"deploy"} if self.deploy is None else None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskManifest:
@@ -177,7 +185,7 @@ def parse_manifest(data: dict[str, Any]) -> TaskManifest:
     except ValidationError as exc:
         raise ManifestError(_problems(exc)) from None
     return TaskManifest(name=parsed.task.name, description=parsed.task.description, server=parsed.server,
-                        client=parsed.client, requirements=parsed.requirements,
+                        client=parsed.client, deploy=parsed.deploy, requirements=parsed.requirements,
                         triggers={name: TriggerSpec(name=name, command=spec.command, timeout_s=spec.timeout_s)
                                   for name, spec in parsed.triggers.items()})
 
@@ -193,7 +201,7 @@ def load_manifest(task_dir: Path | str) -> TaskManifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError([f"{MANIFEST_NAME} is not valid TOML: {exc}"]) from None
     manifest = parse_manifest(data)
-    missing = [point.entry for point in (manifest.server, manifest.client)
+    missing = [point.entry for point in (manifest.server, manifest.client, manifest.deploy)
                if point is not None and not (folder / point.entry).is_file()]
     if missing:
         raise ManifestError([f"entry point {m!r} does not exist in the task folder" for m in missing])

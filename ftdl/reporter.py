@@ -29,6 +29,9 @@ ENV_FLOWER_ADDRESS = "FEDMQ_FLOWER_ADDRESS"  # host:port of the task's Flower se
 ENV_RUN = "FEDMQ_RUN"  # the task's run number (a serverless participant's records carry it)
 ENV_OUTPUT_DIR = "FEDMQ_OUTPUT_DIR"  # where a server saves its final model (an absolute path)
 MODEL_FILE = "model.npz"             # the final global model, in that folder
+ENV_MODEL_PATH = "FEDMQ_MODEL_PATH"  # a deploy entry point's model file (an absolute path)
+ENV_MODEL_NAME = "FEDMQ_MODEL_NAME"  # ... its registered name
+ENV_MODEL_VERSION = "FEDMQ_MODEL_VERSION"  # ... and version
 
 
 def rpc_env(rpc: dict[str, str] | None) -> dict[str, str]:
@@ -101,6 +104,12 @@ class TaskReporter:
     # fedmq's additions --------------------------------------------------------------------
     def send_progress(self, round: int, total: int) -> None:
         self._send("progress", {"round": round, "total": total})
+
+    def send_health(self, metrics: dict[str, Any]) -> None:
+        """A deploy entry point's measure of the model it loaded (accuracy, loss, examples...):
+        the edge reports the last one to the cloud, which judges it against the deployment's
+        health expression.  Not a round: no ``round``, unlike ``send_stats``."""
+        self._send("health", {"metrics": metrics})
 
     def log(self, message: str, level: str = "info") -> None:
         self._send("log", {"message": message, "level": level})
