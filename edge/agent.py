@@ -50,7 +50,7 @@ RETRY_BASE_S, RETRY_MAX_S = 1.0, 30.0
 # Keys are fedmq.ftdl.channel.ReporterKind's values (a StrEnum: equal to its strings).
 _FORWARDED = {"error": EventKind.CLIENT_ERROR_REPORT, "progress": EventKind.CLIENT_PROGRESS,
               "info": EventKind.CLIENT_INFO, "trigger_result": EventKind.CLIENT_TRIGGER_RESULT,
-              "trigger_refused": EventKind.CLIENT_TRIGGER_REFUSED}
+              "trigger_refused": EventKind.CLIENT_TRIGGER_REFUSED, "data": EventKind.CLIENT_DATA}
 
 
 def retry_delay(failures: int, rng: random.Random) -> float:

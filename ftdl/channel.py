@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmq.broker import codec
 from fedmq.broker.schema import problems
@@ -35,6 +35,7 @@ class ReporterKind(StrEnum):
     TRIGGER = "trigger"
     LOG = "log"
     FINISHED = "finished"
+    DATA = "data"  # the fingerprint of the data the client trains on (lineage)
     HEALTH = "health"  # a deploy entry point's verdict on the model it loaded (docs/lifecycle.md)
 
 
@@ -66,6 +67,13 @@ class LogData(_Data):
     message: str
 
 
+class DataFingerprint(_Data):
+    """What a device says of its training data: a digest and a count, never the data."""
+
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    examples: Annotated[int, Field(ge=0)]
+
+
 class HealthData(_Data):
     metrics: dict[str, Any]
 
@@ -74,7 +82,7 @@ class HealthData(_Data):
 DATA_SHAPES: dict[ReporterKind, type[_Data]] = {
     ReporterKind.STATS: StatsData, ReporterKind.PROGRESS: ProgressData, ReporterKind.ERROR: ErrorData,
     ReporterKind.TRIGGER: TriggerData, ReporterKind.LOG: LogData, ReporterKind.INFO: _Data,
-    ReporterKind.FINISHED: _Data, ReporterKind.HEALTH: HealthData}
+    ReporterKind.FINISHED: _Data, ReporterKind.HEALTH: HealthData, ReporterKind.DATA: DataFingerprint}
 
 
 @dataclass
