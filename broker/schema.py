@@ -13,7 +13,9 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedmq.broker import codec
 
 
 class TaskState(StrEnum):
@@ -142,6 +144,71 @@ class DeviceInfo(BaseModel):
     tasks: dict[str, TaskStats] = Field(default_factory=dict, max_length=100)
     labels: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class RecordError(ValueError):
+    """A wire record that is not one (receivers log it and keep what they had)."""
+
+
+class _WireRecord(BaseModel):
+    """A msgpack record on a retained topic: strict when built, tolerant of fields it does not know."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        return codec.encode(self.model_dump(mode="json"))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Any:
+        """The record in ``payload`` (msgpack, or JSON from a person); raises ``RecordError``."""
+        try:
+            body, _ = codec.decode(payload)
+            return cls.model_validate(body)
+        except codec.CodecError as exc:
+            raise RecordError(f"undecodable {cls.__name__}: {exc}") from None
+        except ValidationError as exc:
+            raise RecordError(f"invalid {cls.__name__}: " + "; ".join(problems(exc))) from None
+
+
+class DesiredModel(_WireRecord):
+    """One model a device should run: which version, the file's identity, the code that serves it."""
+
+    version: Annotated[int, Field(ge=1)]
+    sha256: Sha256                        # of model.npz, fetched from models/<sha256>/...
+    size: Annotated[int, Field(gt=0)]
+    bundle: Sha256                        # the bundle of the task that trained it: its [deploy] entry loads it
+    deployment: Annotated[str, Field(max_length=128)]
+    signature: str | None = None          # Ed25519 over ftdl.signing.model_signing_message(name, version, sha256)
+    key_id: str | None = None
+
+
+class DesiredModels(_WireRecord):
+    """Retained QoS 1 on ``devices/<device>/models``: every model the device should run.  A name
+    absent from ``models`` means none of that name; ``seq`` grows with every publication, so a
+    device can tell a newer record from a replayed one."""
+
+    seq: Annotated[int, Field(ge=0)] = 0
+    models: Annotated[dict[ModelName, DesiredModel], Field(max_length=256)] = Field(default_factory=dict)
+
+
+class ModelManifest(_WireRecord):
+    """Retained on ``models/<sha256>/manifest``: how the model file is cut into retained chunks
+    ``models/<sha256>/<index>`` (each chunk's SHA-256; the whole is ``sha256``)."""
+
+    sha256: Sha256
+    size: Annotated[int, Field(gt=0)]
+    chunk_size: Annotated[int, Field(gt=0)]
+    chunks: list[Sha256]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelManifest:
+        if len(self.chunks) != -(-self.size // self.chunk_size):
+            raise ValueError("chunks must list one SHA-256 per chunk")
+        return self
 
 
 def problem(error: Any) -> str:

@@ -91,13 +91,23 @@ class TrustStore:
                 keys.append(key)
         return cls(keys)
 
-    def verify(self, signer: str | None, signature: str | None, message: bytes) -> None:
+    def verify(self, signer: str | None, signature: str | None, message: bytes, what: str = "the bundle") -> None:
         if not signer or not signature:
-            raise SigningError("the bundle is not signed")
+            raise SigningError(f"{what} is not signed")
         key = self.keys.get(signer)
         if key is None:
-            raise SigningError(f"the bundle is signed by unknown key {signer}")
+            raise SigningError(f"{what} is signed by unknown key {signer}")
         try:
             key.verify(base64.b64decode(signature, validate=True), message)
         except (InvalidSignature, ValueError):
-            raise SigningError(f"the signature by key {signer} does not match the bundle") from None
+            raise SigningError(f"the signature by key {signer} does not match {what}") from None
+
+    def verify_model(self, name: str, version: int, sha256: str, signer: str | None, signature: str | None) -> None:
+        """Raise ``SigningError`` unless a trusted key signed NAME:VERSION with this file digest."""
+        self.verify(signer, signature, model_signing_message(name, version, sha256), f"model {name}:{version}")
+
+
+def model_signing_message(name: str, version: int, sha256: str) -> bytes:
+    """What an operator signs to deploy a registered model: its name, version and file digest,
+    so a signature for one version (or one file) cannot be replayed for another."""
+    return f"fedmq-model\n{name}\n{int(version)}\n{sha256}".encode()
