@@ -8,12 +8,15 @@ from model import evaluate, get_weights, load_partition, make_model, set_weights
 
 from fedmq.ftdl import TaskReporter, task_args
 from fedmq.ftdl.flower import join
+from fedmq.ftdl.reporter import data_fingerprint
 
 args = task_args()
 x, y = load_partition(os.environ["FEDMQ_DATA_DIR"])
 cut = int(0.85 * len(x))
 (x_train, y_train), (x_val, y_val) = (x[:cut], y[:cut]), (x[cut:], y[cut:])
 TaskReporter.get().send_info(samples=len(x), train=len(x_train), validation=len(x_val))
+# Lineage: a digest of what this device trains on (the data stays here), in both modes.
+TaskReporter.get().send_data(*data_fingerprint(x_train, y_train))
 model = make_model()
 
 

@@ -3,8 +3,9 @@ import os
 import numpy as np
 from flwr.client import NumPyClient
 
-from fedmq.ftdl import task_args
+from fedmq.ftdl import TaskReporter, task_args
 from fedmq.ftdl.flower import join
+from fedmq.ftdl.reporter import data_fingerprint
 
 args = task_args()
 seed = int(args.get("seed", 0))
@@ -12,6 +13,7 @@ rng = np.random.default_rng(seed)
 true_w = np.array([2.0, -1.0, 0.5])
 x = rng.normal(size=(200, 3))
 y = x @ true_w + rng.normal(scale=0.01, size=200)
+TaskReporter.get().send_data(*data_fingerprint(x, y))  # the run's lineage: what this device trained on
 
 
 class LinReg(NumPyClient):
