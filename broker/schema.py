@@ -143,6 +143,7 @@ class DeviceInfo(BaseModel):
     current_task: str | None = Field(default=None, max_length=128)
     tasks: dict[str, TaskStats] = Field(default_factory=dict, max_length=100)
     labels: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
+    models: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict, max_length=256)  # name -> version run
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
