@@ -71,6 +71,19 @@ def data_fingerprint(*arrays: np.ndarray) -> tuple[str, int]:
     return sha.hexdigest(), int(first.shape[0]) if first.ndim else 1
 
 
+def deployed_model(path: str | os.PathLike[str] | None = None) -> list[np.ndarray]:
+    """The arrays of the model a ``[deploy]`` entry point was started with (``FEDMQ_MODEL_PATH``,
+    a ``model.npz`` as the server saved it: ``arr_0``, ``arr_1``, ... in order).  Nothing is
+    unpickled: a model file is data, never code."""
+    import numpy as np
+
+    where = path if path is not None else os.environ.get(ENV_MODEL_PATH)
+    if not where:
+        raise RuntimeError(f"no model: {ENV_MODEL_PATH} is not set (run by the edge for a deployment)")
+    with np.load(where, allow_pickle=False) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
 class TaskReporter:
     _shared: TaskReporter | None = None
 
