@@ -109,6 +109,18 @@ class Criteria:
         except _FAILURES:
             return False
 
+    def explain(self, info: Facts) -> tuple[bool, str]:
+        """Whether the expression holds, and why in words a person reads in a timeline:
+        ``(False, "accuracy 0.41 < 0.85")``, ``(True, "accuracy 0.93 >= 0.85")`` -- the values it
+        compared, the comparison that decided (negated when it failed).  For the lifecycle's
+        decisions (register_if over a run's metrics, a deployment's health over a device's)."""
+        if self.tree is None:
+            return True, "no condition"
+        try:
+            return _explain(self.tree.body, info)
+        except _FAILURES as exc:
+            return False, f"{self.source.strip()} cannot be evaluated ({exc})"
+
 
 def _check(node: ast.AST, depth: int, counter: list[int]) -> None:
     counter[0] += 1
@@ -202,6 +214,51 @@ def _evaluate(node: ast.AST, info: dict[str, Any]) -> Any:
     if isinstance(node, ast.Call):
         return _call(node.func.id, [_evaluate(a, info) for a in node.args], info)  # type: ignore[attr-defined]
     raise _EvalError(type(node).__name__)
+
+
+_NEGATED = {ast.Eq: "!=", ast.NotEq: "==", ast.Lt: ">=", ast.LtE: ">", ast.Gt: "<=", ast.GtE: "<",
+            ast.In: "not in", ast.NotIn: "in"}
+_SYMBOL = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
+           ast.In: "in", ast.NotIn: "not in"}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _operand(node: ast.AST, value: Any) -> str:
+    """A literal as itself, anything else as its text and the value it had: ``accuracy 0.41``."""
+    return _shown(value) if isinstance(node, ast.Constant) else f"{ast.unparse(node)} {_shown(value)}"
+
+
+def _explain(node: ast.AST, info: Facts) -> tuple[bool, str]:
+    """``_evaluate``'s verdict with the parts that decided it (the same semantics)."""
+    if isinstance(node, ast.BoolOp):
+        parts = [_explain(value, info) for value in node.values]
+        wanted = not isinstance(node.op, ast.And)  # the verdict one part alone decides
+        deciding = [why for ok, why in parts if ok is wanted]
+        if deciding:
+            return wanted, deciding[0] if wanted else " and ".join(deciding)
+        return not wanted, " and ".join(why for _, why in parts)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        ok, why = _explain(node.operand, info)
+        return not ok, f"not ({why})"
+    if isinstance(node, ast.Compare):
+        left_node, left = node.left, _evaluate(node.left, info)
+        said = []
+        for op, comparator in zip(node.ops, node.comparators, strict=True):
+            right = _evaluate(comparator, info)
+            ordering = isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE))
+            if ordering and (left is None or right is None):
+                missing = left_node if left is None else comparator
+                return False, f"{ast.unparse(missing)} not reported"
+            if not _COMPARE[type(op)](left, right):
+                return False, f"{_operand(left_node, left)} {_NEGATED[type(op)]} {_operand(comparator, right)}"
+            said.append(f"{_operand(left_node, left)} {_SYMBOL[type(op)]} {_operand(comparator, right)}")
+            left_node, left = comparator, right
+        return True, " and ".join(said)
+    value = _evaluate(node, info)
+    return bool(value), f"{ast.unparse(node)} is {_shown(value)}"
 
 
 # --- the compiled form: the same semantics as _evaluate, decided once per node ---------------------
