@@ -21,7 +21,7 @@ import pytest
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.topics import Topics
 from fedmq.cloud.bundle_client import push_folder
-from fedmq.demo import DemoCluster
+from fedmq.demo import DemoCluster, DemoError
 
 pytestmark = pytest.mark.slow
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
@@ -108,11 +108,25 @@ def test_stop_reaches_the_participants_and_clears_the_runs_retained_topics(clust
     cluster.wait_for(lambda: (cluster.call("tasks", "get", {"task": "sl-2"})["round"] or 0) >= 2, 120, "round 2")
     assert retained_under(cluster.url, Topics().fl_tree("sl-2"))  # records and blobs while it runs
     cluster.call("tasks", "stop", {"task": "sl-2"})
-    cluster.wait_for(lambda: {e["device"] for e in cluster.items("events", "list", {"task": "sl-2"})
-                              if e["kind"] == "client_stopped"} == set(DEVICES), 60, "every client stopped")
+    try:
+        cluster.wait_for(lambda: {e["device"] for e in cluster.items("events", "list", {"task": "sl-2"})
+                                  if e["kind"] == "client_stopped"} == set(DEVICES), 60, "every client stopped")
+    except DemoError as exc:  # say what each device did instead, and what its log ends with
+        raise AssertionError(f"{exc}\n{devices_story(cluster, 'sl-2')}") from None
     # cleared 20 s after the end (time for the participants to stop and leave their last will)
     cluster.wait_for(lambda: not retained_under(cluster.url, Topics().fl_tree("sl-2")), 60, "the fl topics cleared")
     assert cluster.call("tasks", "get", {"task": "sl-2"})["state"] == "stopped"
+
+
+def devices_story(cluster: DemoCluster, task: str) -> str:
+    lines = []
+    events = cluster.items("events", "list", {"task": task})
+    for device in DEVICES:
+        kinds = [e["kind"] for e in events if e["device"] == device and not e["kind"].startswith(("fl_", "client_r"))]
+        log = (cluster.workdir / "logs" / f"{device}.log")
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
+        lines += [f"{device}: {kinds}", *(f"    {line}" for line in tail)]
+    return "\n".join(lines)
 
 
 def held_out_accuracy(examples: Path, weights: list[np.ndarray]) -> float:
