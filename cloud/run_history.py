@@ -1,8 +1,12 @@
 """Run history: every run of a task, its per-round metrics, its server's log and the final model,
-from the event log and the run folders under ``<home>/runs/<task>/<run>/``."""
+from the event log and the run folders under ``<home>/runs/<task>/<run>/``.
+
+A run's record is its lineage: what it was started with (the revision), who trained (the
+cohort), on what (each device's data fingerprint), how it ended and which model it saved."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +23,98 @@ _ENDS = {EventKind.TASK_FINISHED: TaskState.FINISHED, EventKind.TASK_FAILED: Tas
          EventKind.TASK_STOPPED: TaskState.STOPPED}
 
 
+# What a run was started with: enough, with the bundle's own defaults, to start it again.
+_REVISION_KEYS = ("revision", "bundle", "args", "criteria", "requirements", "mode")
+_RECORD_KINDS = [EventKind.TASK_STARTED, *_ENDS, EventKind.CLIENT_STARTED, EventKind.CLIENT_DATA,
+                 EventKind.ROUND_METRICS]
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _fingerprint(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A device's ``client_data`` as the record keeps it; anything else a device sent is not one
+    (the cloud records devices' events leniently, so it is checked again here)."""
+    digest, examples = data.get("digest"), data.get("examples")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        return None
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        return None
+    return {"digest": digest, "examples": examples}
+
+
 class RunHistory:
     def __init__(self, home: Path) -> None:
         self.home = home
+        self._model_digests: dict[tuple[str, int, int], str] = {}
 
     def run_path(self, task_id: str, run: int) -> Path:
         return self.home / "runs" / task_id / str(run)
 
     def runs(self, task_id: str) -> list[dict[str, Any]]:
-        """Each run of a task: when, with what, how it ended."""
+        """Each run of a task, oldest first, as its full record (``run``)."""
         load_task(task_id)
+        return self._records(task_id, None)
+
+    def run(self, task_id: str, run: int | None = None) -> dict[str, Any]:
+        """One run's full record (default: the latest): enough to run it again and to tell it
+        from another -- ``{task, run, started, finished, state, reason, revision: {revision,
+        bundle, args, criteria, requirements, mode}, cohort: [devices that started a client in
+        it], data: {device: {digest, examples}}, metrics: final, rounds, model: {sha256, size} | None}``."""
+        number = self.run_number(task_id, run)
+        records = self._records(task_id, number)
+        if not records:  # numbered by the task but never recorded as started (an old database)
+            raise RunNotFound(f"task {task_id} has no record of run {number}")
+        return records[0]
+
+    def _records(self, task_id: str, only: int | None) -> list[dict[str, Any]]:
+        """The records of every run (or run ``only``) from one pass over the task's events."""
+        query = Event.select(Event.kind, Event.ts, Event.run, Event.device, Event.data).where(
+            (Event.task == task_id) & Event.kind.in_(_RECORD_KINDS) & Event.run.is_null(False))
+        if only is not None:
+            query = query.where(Event.run == only)
         runs: dict[int, dict[str, Any]] = {}
-        kinds = [EventKind.TASK_STARTED, *_ENDS]
-        for event in Event.select().where((Event.task == task_id) & Event.kind.in_(kinds)).order_by(Event.ts):
-            if event.run is None:
-                continue
+        cohorts: dict[int, set[str]] = {}
+        rounds: dict[int, set[int]] = {}
+        for event in query.order_by(Event.ts, Event.id):
+            number, data = int(event.run), event.data or {}
             if event.kind == EventKind.TASK_STARTED:
-                runs[event.run] = {"run": event.run, "started": event.ts, "finished": None, "state": TaskState.RUNNING,
-                                   **{k: event.data.get(k) for k in ("bundle", "args", "criteria", "revision")}}
-            elif event.run in runs:
-                runs[event.run].update(finished=event.ts, state=_ENDS[EventKind(event.kind)],
-                                       reason=event.data.get("reason"), metrics=event.data.get("metrics"))
+                runs[number] = {"task": task_id, "run": number, "started": event.ts, "finished": None,
+                                "state": TaskState.RUNNING, "reason": None,
+                                "revision": {k: data.get(k) for k in _REVISION_KEYS},
+                                "cohort": [], "data": {}, "metrics": None, "rounds": 0, "model": None}
+                cohorts[number], rounds[number] = set(), set()
+            elif number not in runs:
+                continue
+            elif event.kind in _ENDS:
+                runs[number].update(finished=event.ts, state=_ENDS[EventKind(event.kind)],
+                                    reason=data.get("reason"), metrics=data.get("metrics"))
+            elif event.kind == EventKind.CLIENT_STARTED and event.device:
+                cohorts[number].add(event.device)
+            elif event.kind == EventKind.CLIENT_DATA and event.device:
+                fingerprint = _fingerprint(data)
+                if fingerprint is not None:  # the last one a device sent in the run counts
+                    runs[number]["data"][event.device] = fingerprint
+            elif event.kind == EventKind.ROUND_METRICS and isinstance(data.get("round"), int):
+                rounds[number].add(data["round"])
+        for number, record in runs.items():
+            record["cohort"] = sorted(cohorts[number])
+            record["data"] = dict(sorted(record["data"].items()))
+            record["rounds"] = len(rounds[number])
+            record["model"] = self._model(self.run_path(task_id, number) / MODEL_FILE)
         return [runs[k] for k in sorted(runs)]
+
+    def _model(self, path: Path) -> dict[str, Any] | None:
+        """The saved model's identity, hashed once per version of the file (the list of runs
+        asks for every run's, every time)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._model_digests:
+            if len(self._model_digests) > 4096:
+                self._model_digests.clear()
+            self._model_digests[key] = file_digest(path)
+        return {"sha256": self._model_digests[key], "size": stat.st_size}
 
     def run_number(self, task_id: str, run: int | None) -> int:
         task = load_task(task_id)

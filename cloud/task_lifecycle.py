@@ -229,7 +229,8 @@ class TaskLifecycle:
         self.events.record(EventKind.TASK_STARTED, task=task_id, run=run,
                            data={"flower": flower_address(task), "revision": task.revision,
                                  "bundle": task.bundle, "args": task.args, "criteria": task.criteria,
-                                 "replica": self.replica, "mode": SERVERLESS if rounds is not None else FLOWER})
+                                 "requirements": task.requirements, "replica": self.replica,
+                                 "mode": SERVERLESS if rounds is not None else FLOWER})
         return task
 
     def _manifest(self, digest: str) -> TaskManifest | None:

@@ -113,8 +113,14 @@ class TaskService:
 
     @rpc(roles=READERS)
     def runs(self, task: str, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
-        """The task's runs: parameters, bundle, start, end, final metrics (a page of them)."""
+        """The task's runs, oldest first, each its full record (as ``run``): a page of them."""
         return page(self.history.runs(task), limit, cursor)
+
+    @rpc(roles=READERS)
+    def run(self, task: str, run: RunNumber | None = None) -> dict[str, Any]:
+        """One run's record (default: the latest): revision (bundle, args, criteria, requirements,
+        mode), cohort, each device's data fingerprint, how it ended, final metrics, the model's sha256."""
+        return self.history.run(task, run)
 
     @rpc(roles=READERS)
     def metrics(self, task: str, run: RunNumber | None = None, limit: Limit = DEFAULT_LIMIT,

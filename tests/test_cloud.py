@@ -186,8 +186,8 @@ def test_finished_run_updates_state_rounds_and_metrics(embedded_broker: Any, clo
 
     # The run's history: parameters, per-round metrics, logs, the final model.
     runs = op.all_items("tasks", "runs", {"task": "lin"})
-    assert runs[0]["run"] == 1 and runs[0]["state"] == "finished" and runs[0]["args"] == {"rounds": 2}
-    assert runs[0]["bundle"] == digest
+    assert runs[0]["run"] == 1 and runs[0]["state"] == "finished" and runs[0]["revision"]["args"] == {"rounds": 2}
+    assert runs[0]["revision"]["bundle"] == digest
     rows = op.all_items("tasks", "metrics", {"task": "lin"})
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["r2"] > 0.9 and "loss" in rows[0]
     assert any("Flower" in line or "flwr" in line or "INFO" in line
