@@ -39,6 +39,8 @@ from fedmq.ftdl.signing import SigningKey, generate_keypair
 
 EXAMPLES = Path(str(resources.files("fedmq.examples")))  # package data: works from a wheel too
 DEVICES = ("dev-1", "dev-2")
+SERVERLESS_DEVICES = ("dev-1", "dev-2", "dev-3")
+SCENARIOS = ("basic", "failover", "serverless")
 
 
 class DemoError(RuntimeError):
@@ -289,6 +291,12 @@ class FleetView:
             until = data.get("quarantined_until")
             when = time.strftime("%H:%M:%S %Z", time.localtime(until)) if isinstance(until, (int, float)) else "?"
             return f"failed {task}: {data.get('cause')} (quarantined until {when})"
+        if event.kind == "fl_elected" and event.data.get("aggregator") == event.device:
+            return f"aggregating {task} round {data.get('round')}"
+        if event.kind == "fl_failover":
+            return f"took over {task} round {data.get('round')} from {', '.join(data.get('lost') or ['?'])}"
+        if event.kind == "fl_global_accepted":
+            return f"training {task} from global {data.get('round')}"
         if event.kind == "client_finished":
             return f"finished {task}"
         if event.kind == "client_stopped":
@@ -322,8 +330,10 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, view: FleetVi
         if progress is not None:
             progress(body)
 
-    cluster.wait_for(cluster.devices_online, 60, "both edge agents to come online")
+    cluster.wait_for(cluster.devices_online, 60, "the edge agents to come online")
     good = cluster.push("digits")
+    if scenario == "serverless":
+        return _serverless(cluster, good, rounds, view, on_update)
     tasks = []
     if scenario == "failover":
         broken = cluster.push("broken")
@@ -369,6 +379,67 @@ def run_scenario(cluster: DemoCluster, scenario: str, rounds: int, view: FleetVi
             if error and start:
                 result["failover_s"][device] = round(start - error, 3)
     return result
+
+
+KILL_ROUND = 2  # the serverless demo loses the aggregator of this round
+
+
+def _serverless(cluster: DemoCluster, bundle: str, rounds: int, view: FleetView,
+                on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Digits with no server on three devices; the device elected to aggregate round 2 loses power
+    (its agent SIGKILLed: its participant follows it at once, so the broker publishes the
+    participant's last will) and the other two re-elect and finish the run."""
+    killed: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def on_event(message: Any) -> None:
+        try:
+            body, _ = codec.decode(message.payload)
+        except codec.CodecError:
+            return
+        if not isinstance(body, dict) or body.get("kind") != "fl_elected":
+            return
+        data = body.get("data") or {}
+        aggregator = data.get("aggregator")
+        with lock:
+            if killed or data.get("round") != KILL_ROUND or aggregator not in cluster.devices:
+                return
+            killed.update(device=aggregator, round=KILL_ROUND, ts=time.time())
+        threading.Thread(target=cluster.kill, args=(aggregator,), daemon=True).start()
+
+    assert cluster.operator is not None
+    cluster.operator.connection.subscribe(Topics().all_task_events(), on_event, qos=1)
+    cluster.call("tasks", "create", {"name": "digits-serverless", "task": "C", "bundle": bundle,
+                                     "criteria": "data_quantity >= 100",
+                                     "args": {"mode": "serverless", "rounds": rounds,
+                                              "min_participants": len(cluster.devices), "quiet_s": 0.5}})
+    cluster.call("tasks", "start", {"task": "C"})
+    final = cluster.wait_task("C", timeout=300.0, on_update=on_update, give_up=lambda: view.all_failed("C"))
+    if not killed:
+        raise DemoError(f"no device was elected to aggregate round {KILL_ROUND} "
+                        f"(did the run have {KILL_ROUND} rounds?)")
+    survivors = set(cluster.devices) - {killed["device"]}
+
+    def clients_done() -> list[dict[str, Any]] | None:
+        found = cluster.items("events", "list", {"task": "C"})
+        ended = {e["device"] for e in found if e["kind"] in ("client_finished", "client_stopped", "client_error")}
+        return found if ended >= survivors else None
+
+    try:
+        events = cluster.wait_for(clients_done, 30, "the clients to end")
+    except DemoError:
+        events = cluster.items("events", "list", {"task": "C"})
+    events.sort(key=lambda e: e["ts"])
+    metrics = cluster.items("tasks", "metrics", {"task": "C"})
+    took_over = next((e for e in events if e["kind"] == "fl_failover" and e["ts"] >= killed["ts"]), None)
+    published = next((e for e in events if e["kind"] == "fl_global_published" and e["ts"] >= killed["ts"]), None)
+    accuracy = next((row[k] for row in reversed(metrics) for k in ("accuracy", "central_accuracy")
+                     if isinstance(row.get(k), (int, float))), None)
+    return {"metrics": metrics, "scenario": "serverless", "task": final, "accuracy": accuracy,
+            "timeline": timeline([EventRecord(**e) for e in events]), "events": events,
+            "killed": {**killed, "took_over_by": (took_over["data"] or {}).get("aggregator") if took_over else None,
+                       "failover_s": round(took_over["ts"] - killed["ts"], 3) if took_over else None,
+                       "next_global_s": round(published["ts"] - killed["ts"], 3) if published else None}}
 
 
 class DemoScreen:
@@ -431,15 +502,15 @@ class DemoScreen:
 def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console: Any) -> dict[str, Any]:
     from rich.table import Table
 
-    if scenario not in ("basic", "failover"):
-        raise DemoError("scenario must be basic or failover")
+    if scenario not in SCENARIOS:
+        raise DemoError(f"scenario must be one of {', '.join(SCENARIOS)}")
     workdir = absolute(workdir)
 
     def on_term(*_: Any) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    cluster = DemoCluster(workdir, broker)
+    cluster = DemoCluster(workdir, broker, devices=SERVERLESS_DEVICES if scenario == "serverless" else DEVICES)
     started = time.monotonic()
     try:
         console.print(f"[bold]fedmq demo[/bold] ({scenario}): starting broker, cloud and "
@@ -468,11 +539,17 @@ def main(broker: str | None, scenario: str, workdir: Path, rounds: int, console:
         table.add_row(f"{row['t_s']:.2f}", row["step"], row["task"], row["device"] or row["component"])
     console.print(table)
     state = result["task"]["state"]
-    console.print(f"task C {state}; final accuracy on the held-out digits: "
+    judged = "the participants' evaluation" if scenario == "serverless" else "on the held-out digits"
+    console.print(f"task C {state}; final accuracy ({judged}): "
                   f"[bold]{result['accuracy']:.3f}[/bold]" if result["accuracy"] is not None else f"task C {state}")
     if scenario == "failover":
         per_device = ", ".join(f"{d} {s:.3f} s" for d, s in result["failover_s"].items())
         console.print(f"failover (error on E -> C's client started), per device: {per_device}")
+    if scenario == "serverless":
+        k = result["killed"]
+        console.print(f"killed {k['device']}, the aggregator of round {k['round']}; "
+                      f"{k['took_over_by'] or 'nobody'} took over after {k['failover_s']} s; "
+                      f"the next global came {k['next_global_s']} s after the kill")
     console.print(f"events: {workdir / 'events.json'}   summary: {workdir / 'result.json'}   "
                   f"plot: {workdir / 'metrics.png'}   ({result['seconds']:.0f} s)")
     return summary

@@ -3,6 +3,7 @@
     python3 scripts/readme.py demo       # the first command of the README (install + demo)
     python3 scripts/readme.py tests      # the second one (install + test suite)
     python3 scripts/readme.py failover   # the demo's second scenario, as the README writes it
+    python3 scripts/readme.py serverless # the serverless scenario, likewise
     python3 scripts/readme.py tour       # the quick tour's script
 
 Standard library only: CI runs this before anything is installed.
@@ -14,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+SCENARIOS = ("failover", "serverless")  # the demo's scenarios beyond the first command's
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -47,12 +49,12 @@ def command(name: str, text: str | None = None) -> str:
         if len(first) != 2:
             raise SystemExit(f"README.md's first block must hold exactly two commands, it holds {len(first)}")
         return first[0] if name == "demo" else first[1]
-    if name == "failover":
+    if name in SCENARIOS:
         for _, lines in blocks:
             for line in lines:
-                if "fedmq demo" in line and "--scenario failover" in line:
+                if "fedmq demo" in line and f"--scenario {name}" in line:
                     return line.split("  #")[0].strip()
-        raise SystemExit("README.md shows no 'fedmq demo --scenario failover' command")
+        raise SystemExit(f"README.md shows no 'fedmq demo --scenario {name}' command")
     if name == "tour":
         for heading, lines in blocks:
             if heading.lower().startswith("a quick tour"):

@@ -4,6 +4,7 @@ README's own relative paths, the text taken from README.md itself (scripts/readm
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -28,10 +29,11 @@ def test_the_readme_starts_with_two_commands_and_ci_runs_them() -> None:
     assert readme.command("demo") == "bash scripts/install.sh && .venv/bin/fedmq demo"
     assert readme.command("tests") == "bash scripts/install.sh --test && .venv/bin/python -m pytest"
     assert readme.command("failover") == ".venv/bin/fedmq demo --scenario failover"
+    assert readme.command("serverless") == ".venv/bin/fedmq demo --scenario serverless"
     ci = (REPO / ".ci" / "run").read_text()
     assert 'python3 scripts/readme.py "$name"' in ci
     assert [line for line in ci.splitlines() if line.startswith("step ")] == [
-        "step demo", "step failover", "step tests"]
+        "step demo", "step failover", "step serverless", "step tests"]
 
 
 def test_readme_parsing_refuses_a_readme_without_its_commands() -> None:
@@ -125,6 +127,21 @@ def test_the_demo_runs_from_a_working_directory_with_its_defaults(repo_copy: Pat
     result = (repo_copy / "fedmq-demo" / "result.json").read_text()
     assert '"state": "finished"' in result
     assert (repo_copy / "fedmq-demo" / "logs" / "broker.log").is_file()
+
+
+def test_the_serverless_demo_loses_its_aggregator_and_finishes(repo_copy: Path) -> None:
+    command = readme.command("serverless").split()
+    done = subprocess.run([str(repo_copy / command[0]), *command[1:], "--rounds", "3"], cwd=repo_copy,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    result = json.loads((repo_copy / "fedmq-demo" / "result.json").read_text())
+    killed = result["killed"]
+    assert result["task"]["state"] == "finished" and killed["round"] == 2, result
+    assert killed["took_over_by"] in {"dev-1", "dev-2", "dev-3"} - {killed["device"]}
+    assert killed["next_global_s"] is not None and result["accuracy"] > 0.8
+    assert f"killed {killed['device']}, the aggregator of round 2" in output
+    assert [row["round"] for row in result["metrics"]] == [1, 2, 3]
 
 
 def test_the_flower_cli_in_the_environment_runs() -> None:

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(ctx: typer.Context,
-         scenario: str = typer.Option("basic", help="basic (AGATA's experiment 1) or failover (experiment 2)."),
+         scenario: str = typer.Option("basic", help="basic (AGATA's experiment 1), failover (experiment 2) or "
+                                      "serverless (no Flower server; the aggregator of round 2 is killed)."),
          workdir: Path = typer.Option(Path("fedmq-demo"), help="Where logs, events.json and result.json go "
                                       "(emptied first)."),
          rounds: int = typer.Option(5, help="Federated rounds of the digits task.")) -> None:
