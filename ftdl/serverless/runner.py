@@ -187,12 +187,17 @@ class ServerlessRunner:
             self._report("send_stats", record.round, {"fit_clients": len(record.contributors),
                                                       **{f"train_{k}": v for k, v in record.metrics.items()}})
             self._report("send_progress", record.round, self.config.rounds)
-        # one's own blobs nobody needs any more: the update of an aggregated round, old globals
+        # one's own blobs nobody needs any more: the update of an aggregated round, old globals --
+        # but blobs are named by content, and an update may be byte for byte a global of one's own
+        # (two devices with the same data average to the update itself): that blob stays
         if self._my_update is not None:
-            self.blobs.clear(self.device, self._my_update)
+            if self._my_update.digest not in {g.digest for g in self._my_globals}:
+                self.blobs.clear(self.device, self._my_update)
             self._my_update = None
         while len(self._my_globals) > 2 and not record.final:
-            self.blobs.clear(self.device, self._my_globals.pop(0))
+            old = self._my_globals.pop(0)
+            if old.digest not in {g.digest for g in self._my_globals}:
+                self.blobs.clear(self.device, old)
 
     def _finish(self, record: GlobalRecord, arrays: list[np.ndarray]) -> RunResult:
         metrics = dict(record.evaluation.metrics) if record.evaluation else {}
