@@ -35,6 +35,7 @@ from fedmq.broker.topics import TopicError, Topics, check_id
 from fedmq.broker.urls import with_credentials
 from fedmq.edge.config import EdgeConfig
 from fedmq.edge.info import gather
+from fedmq.edge.models import DeployerSettings, ModelDeployer
 from fedmq.edge.policy import get_policy
 from fedmq.edge.state import AgentState
 
@@ -101,6 +102,13 @@ class EdgeAgent:
         self._finished_runs: dict[tuple[str, int], None] = {}  # runs this device's client completed
         self._reported_at = 0.0
         self.cycles = 0
+        # Deployed models (edge/models.py): one subscription while idle, the rest on first use.
+        self.models = ModelDeployer(
+            self.connection, self.topics, self.rpc,
+            DeployerSettings(self.device, self.work / "models", config.data_dir, config.allow_unsigned,
+                             config.deploy_time_limit_s, config.rpc_timeout_s),
+            fetcher=lambda: self.fetcher, trust=lambda: self._trust, publish_event=self.publish_event,
+            on_change=self._models_changed, backoff=lambda failures: retry_delay(failures, self._random))
 
     @property
     def fetcher(self) -> BundleFetcher:
@@ -140,6 +148,7 @@ class EdgeAgent:
         self.connection.start(wait=False)
         self.connection.subscribe(self.topics.all_tasks(), self._on_announcement, qos=1, wait=False)
         self.connection.subscribe(self.topics.device_cmd(self.device), self._on_command, qos=1, wait=False)
+        self.models.start()
         try:
             while not self._stop.is_set():
                 self._wake.wait(self._next_timeout())
@@ -159,6 +168,7 @@ class EdgeAgent:
         return self.config.recheck_interval_s
 
     def _shutdown(self) -> None:
+        self.models.stop()
         current = self.current
         if current is not None:
             current.stopping = True
@@ -205,7 +215,12 @@ class EdgeAgent:
 
     def info(self) -> dict[str, Any]:
         return gather(self.config.data_dir, self.work, self.config.labels, self.task_stats,
-                      self.current.task if self.current else None)
+                      self.current.task if self.current else None, models=self.models.running())
+
+    def _models_changed(self) -> None:
+        """What the device runs changed: the cloud hears it in the next info."""
+        self._info_dirty = True
+        self.wake()
 
     def _start(self, offer: Offer) -> None:
         from fedmq.ftdl import start_task

@@ -48,6 +48,7 @@ class EdgeConfig:
     rpc_timeout_s: float = 10.0
     labels: dict[str, Any] = field(default_factory=dict)
     client_time_limit_s: float | None = None
+    deploy_time_limit_s: float | None = 300.0  # a [deploy] entry point measures a model; it does not train
 
     def __post_init__(self) -> None:
         # Relative paths still here came from code or flags: the working directory is their base.

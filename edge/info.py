@@ -48,12 +48,13 @@ def data_quantity(data_dir: Path | None) -> int:
 
 
 def gather(data_dir: Path | None, work_dir: Path, labels: dict[str, Any], task_stats: dict[str, dict[str, Any]],
-           current_task: str | None) -> dict[str, Any]:
+           current_task: str | None, models: dict[str, int] | None = None) -> dict[str, Any]:
+    """``models``: the version of each deployed model the device runs (``{name: version}``)."""
     info: dict[str, Any] = {
         "data_quantity": data_quantity(data_dir), "cpu_count": os.cpu_count() or 1,
         "disk_free_mb": round(shutil.disk_usage(work_dir).free / 2**20, 1),
         "python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}",
-        "packages": installed_packages(), "labels": labels, "tasks": task_stats,
+        "packages": installed_packages(), "labels": labels, "tasks": task_stats, "models": models or {},
     }
     memory = memory_mb()
     if memory is not None:

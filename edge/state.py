@@ -19,6 +19,14 @@ BACKOFF_BASE_S = 30.0
 BACKOFF_MAX_S = 3600.0
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON atomically: a crash leaves the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 @dataclass
 class Quarantine:
     revision: int
@@ -50,12 +58,8 @@ class AgentState:
         return state
 
     def save(self) -> None:
-        data: dict[str, Any] = {"session": self.session,
-                                "quarantine": {k: asdict(v) for k, v in self.quarantine.items()}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"session": self.session,
+                               "quarantine": {k: asdict(v) for k, v in self.quarantine.items()}})
 
     def next_session(self) -> int:
         with self._lock:
