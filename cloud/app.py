@@ -26,6 +26,8 @@ from fedmq.cloud.events import EventLog
 from fedmq.cloud.identities import IdentityRegistry, OpenBroker
 from fedmq.cloud.identity_service import IdentityService
 from fedmq.cloud.inbound import Inbound
+from fedmq.cloud.model_registry import ModelRegistry
+from fedmq.cloud.model_service import ModelService
 from fedmq.cloud.mqtt_publisher import MqttPublisher
 from fedmq.cloud.replicas import ReplicaPresence
 from fedmq.cloud.run_history import RunHistory
@@ -41,7 +43,7 @@ from fedmq.ftdl.serverless.blobs import Blobs
 from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
-ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities")
+ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities", "models")
 
 
 @dataclass
@@ -108,6 +110,9 @@ class CloudApp:
         self.history = RunHistory(self.home)
         self.tasks = TaskLifecycle(self.db, settings, self.store, self.publisher, self.events, self.selection,
                                    self.servers, self.history, self.identities, replica=config.client_id)
+        # The registry's policy decides on every finished run, whichever services this process serves.
+        self.models = ModelRegistry(self.db, self.home, self.history, self.events)
+        self.tasks.finished_listeners.append(self.models.on_run_finished)
         self.replica = ReplicaPresence(self.connection, self.topics, config.client_id, self.tasks.replica_lost)
         self.registry = DeviceRegistry(self.db, self.events, self.batcher)
         self.registry.listeners.append(self.selection.device_changed)
@@ -124,7 +129,8 @@ class CloudApp:
                     "devices": lambda: DeviceService(self.registry),
                     "tasks": lambda: TaskService(self.tasks, self.selection, self.history),
                     "events": EventService,
-                    "identities": lambda: IdentityService(self.identities)}
+                    "identities": lambda: IdentityService(self.identities),
+                    "models": lambda: ModelService(self.models)}
         for name in config.services:
             self.server.add(services[name]())
         self._stop = threading.Event()

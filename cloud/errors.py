@@ -23,3 +23,15 @@ class DeviceNotFound(NotFound):
 
 class RunNotFound(NotFound):
     """No such run, or the run kept no such thing (a model, a log)."""
+
+
+class ModelNotFound(NotFound):
+    """No such registered model or version (or its file is not on this cloud host)."""
+
+
+class ModelConflict(Conflict):
+    """The model cannot be registered in this state (its run has not finished)."""
+
+
+class InvalidModel(Invalid):
+    """A model name or version that cannot be used."""

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from fedmq.cloud.db import Task, write_transaction
 from fedmq.cloud.errors import InvalidTask, TaskConflict, TaskNotFound
 from fedmq.cloud.events import EventLog
 from fedmq.cloud.identities import IdentityRegistry
+from fedmq.cloud.model_registry import model_policy
 from fedmq.cloud.ports import Publisher
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
@@ -59,6 +61,7 @@ class CodeRefused(BundleRefused):
 
 _END_EVENTS = {TaskState.FINISHED: EventKind.TASK_FINISHED, TaskState.FAILED: EventKind.TASK_FAILED,
                TaskState.STOPPED: EventKind.TASK_STOPPED}
+_POLICY_KEYS = {"register_if", "model_name"}  # what happens to a finished run's model
 # What a device's own step says about where it stands with a task.
 DEVICE_STATES = {EventKind.CLIENT_STARTED: DeviceTaskState.RUNNING, EventKind.CLIENT_FINISHED: DeviceTaskState.DONE,
                  EventKind.CLIENT_ERROR: DeviceTaskState.FAILED, EventKind.CLIENT_STOPPED: DeviceTaskState.STOPPED}
@@ -81,6 +84,9 @@ class TaskLifecycle:
         self.identities = identities
         self.replica = replica
         self._manifests: dict[str, TaskManifest] = {}  # by bundle digest: a bundle never changes
+        # Called with the task and the run number when a run finishes normally (after its
+        # task_finished event): the model registry's policy (register_if) listens here.
+        self.finished_listeners: list[Callable[[Task, int], None]] = []
         self._lock = threading.RLock()
 
     # --- reading -----------------------------------------------------------------------------
@@ -112,7 +118,8 @@ class TaskLifecycle:
     def create(self, *, name: str, bundle: str | None = None, folder: str | None = None,
                task_id: str | None = None, flower_host: str | None = None, flower_port: int | None = None,
                args: dict[str, Any] | None = None, criteria: str = "", requirements: dict[str, Any] | None = None,
-               tags: list[str] | None = None, priority: int = 0) -> Task:
+               tags: list[str] | None = None, priority: int = 0, register_if: str | None = None,
+               model_name: str | None = None) -> Task:
         if (bundle is None) == (folder is None):
             raise InvalidTask("give exactly one of bundle (a digest) or folder")
         try:
@@ -120,6 +127,7 @@ class TaskLifecycle:
         except TopicError as exc:
             raise InvalidTask(str(exc)) from None
         self._check_criteria(criteria)
+        lifecycle = model_policy(register_if, model_name, name)
         digest = self._store_folder(folder) if folder is not None else bundle_digest(bundle or "")
         merged_requirements = {**self._bundle_requirements(digest), **(requirements or {})}
         now = time.time()
@@ -129,7 +137,7 @@ class TaskLifecycle:
                             requirements=merged_requirements, args=args or {}, tags=tags or [],
                             priority=priority, flower_host=flower_host or self.settings.flower_advertise,
                             flower_port=flower_port, auto_port=flower_port is None, created=now,
-                            updated=now).execute()
+                            updated=now, lifecycle=lifecycle).execute()
         except IntegrityError:
             raise TaskConflict(f"a task with id {task_id!r} exists") from None
         task = self.get(task_id)
@@ -160,12 +168,16 @@ class TaskLifecycle:
             task = self.get(task_id)
             if "criteria" in changes:
                 self._check_criteria(changes["criteria"])
+            if _POLICY_KEYS & changes.keys():  # not columns: kept in the task's lifecycle
+                task.lifecycle = model_policy(changes.get("register_if"), changes.get("model_name"), task.name,
+                                              task.lifecycle)
             if "bundle" in changes:
                 if task.state == TaskState.RUNNING:
                     raise TaskConflict("stop the task before changing its bundle")
                 self._bundle_requirements(bundle_digest(changes["bundle"]))
             for key, value in changes.items():
-                setattr(task, key, value)
+                if key not in _POLICY_KEYS:
+                    setattr(task, key, value)
             task.revision += 1
             task.updated = time.time()
             task.save()
@@ -325,6 +337,12 @@ class TaskLifecycle:
         self.announce(task)
         self.events.record(_END_EVENTS[state], task=task_id, run=run,
                            data={"reason": reason, "metrics": task.metrics, "replica": self.replica})
+        if state == TaskState.FINISHED:
+            for listener in self.finished_listeners:
+                try:
+                    listener(task, run)
+                except Exception:  # a listener's failure must not undo the run's end
+                    log.exception("task %s run %s: a finished-run listener failed", task_id, run)
         if state != TaskState.FINISHED:  # after a normal finish the clients end with their Flower server
             self._stop_devices(task, reason or state)
         return task

@@ -45,14 +45,17 @@ class TaskService:
                flower_host: str | None = None, flower_port: Port | None = None,
                args: dict[str, Any] | None = None, criteria: CriteriaText = "",
                requirements: Requirements | None = None, tags: Tags | None = None,
-               priority: Priority = 0) -> dict[str, Any]:
-        """Create a task from a stored bundle (digest) or a folder on the cloud host."""
+               priority: Priority = 0, register_if: CriteriaText | None = None,
+               model_name: Name | None = None) -> dict[str, Any]:
+        """Create a task from a stored bundle (digest) or a folder on the cloud host; with
+        ``register_if`` (an expression over a run's final metrics) each finished run whose
+        metrics satisfy it is registered as the next version of ``model_name`` (default: NAME)."""
         _check_args(args)
         created = self.lifecycle.create(
             name=name, bundle=bundle, folder=folder, task_id=task, flower_host=flower_host,
             flower_port=flower_port, args=args, criteria=criteria,
             requirements=requirements.model_dump(exclude_none=True) if requirements else None,
-            tags=tags, priority=priority)
+            tags=tags, priority=priority, register_if=register_if, model_name=model_name)
         return task_view(created).to_wire()
 
     @rpc(roles=READERS)
@@ -74,11 +77,14 @@ class TaskService:
     @rpc(roles=STEERING)
     def update(self, task: str, criteria: CriteriaText | None = None, args: dict[str, Any] | None = None,
                priority: Priority | None = None, bundle: str | None = None, tags: Tags | None = None,
-               requirements: Requirements | None = None) -> dict[str, Any]:
-        """Change criteria, arguments, priority, tags, requirements or bundle: a new revision."""
+               requirements: Requirements | None = None, register_if: CriteriaText | None = None,
+               model_name: Name | None = None) -> dict[str, Any]:
+        """Change criteria, arguments, priority, tags, requirements, bundle or the model policy
+        (``register_if``, "" for none; ``model_name``): a new revision."""
         _check_args(args)
         changes = {k: v for k, v in dict(criteria=criteria, args=args, priority=priority, bundle=bundle,
-                                         tags=tags).items() if v is not None}
+                                         tags=tags, register_if=register_if, model_name=model_name).items()
+                   if v is not None}
         if requirements is not None:
             changes["requirements"] = requirements.model_dump(exclude_none=True)
         return task_view(self.lifecycle.update(task, changes)).to_wire()

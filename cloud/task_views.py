@@ -21,6 +21,8 @@ class TaskView(TaskAnnouncement):
     finished_at: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     owner: str | None = None  # the cloud replica whose host runs the Flower server, while it runs
+    register_if: str | None = None  # a finished run whose final metrics satisfy it is registered...
+    model_name: str | None = None   # ...as the next version of this model (None: the task's name)
 
     def announcement(self) -> TaskAnnouncement:
         return TaskAnnouncement.model_validate(self.model_dump(include=set(TaskAnnouncement.model_fields)))
@@ -46,9 +48,11 @@ def flower_address(task: Task) -> str | None:
 
 
 def task_view(task: Task) -> TaskView:
+    policy = task.lifecycle or {}
     return TaskView(id=task.id, name=task.name, state=task.state, revision=task.revision, bundle=task.bundle,
                     flower=flower_address(task), criteria=task.criteria, requirements=task.requirements or {},
                     priority=task.priority, tags=task.tags or [], round=task.current_round,
                     total_rounds=task.total_rounds, run=task.run, updated=task.updated, last_error=task.last_error,
                     args=task.args or {}, created=task.created, started_at=task.started_at,
-                    finished_at=task.finished_at, metrics=task.metrics or {}, owner=task.owner)
+                    finished_at=task.finished_at, metrics=task.metrics or {}, owner=task.owner,
+                    register_if=policy.get("register_if"), model_name=policy.get("model_name"))
