@@ -32,15 +32,21 @@ from fedmq.ftdl.paths import absolute
 app = typer.Typer(help="Create, start, stop and inspect tasks.", no_args_is_help=True)
 RunOpt = typer.Option(None, "--run", help="Run number (default: the latest).", show_default=False)
 _COLOURS = {"running": "green", "failed": "red", "finished": "blue", "stopped": "yellow"}
+RegisterIfOpt = typer.Option(None, "--register-if", show_default=False,
+                             help="Register each finished run whose final metrics satisfy this, e.g. "
+                                  "'accuracy >= 0.9' (fedmq model; '' for none).")
+ModelNameOpt = typer.Option(None, "--model-name", show_default=False,
+                            help="The model --register-if registers runs as (default: the task's name).")
 
 
 def task_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("id", "name", "state", "rev", "round", "priority", "flower", "tags", "bundle")
+    table = Table("id", "name", "state", "rev", "round", "priority", "flower", "tags", "bundle", "register if")
     for r in rows:
         rounds = f"{r['round']}/{r['total_rounds']}" if r.get("total_rounds") else str(r.get("round") or 0)
         state = f"[{_COLOURS.get(r['state'], 'white')}]{r['state']}[/]"
+        policy = f"{r['register_if']} -> {r.get('model_name') or r['name']}" if r.get("register_if") else "-"
         table.add_row(r["id"], r["name"], state, str(r["revision"]), rounds, str(r["priority"]),
-                      r["flower"] or "-", ",".join(r["tags"] or []), r["bundle"][:12])
+                      r["flower"] or "-", ",".join(r["tags"] or []), r["bundle"][:12], policy)
     return table
 
 
@@ -66,6 +72,7 @@ def create(ctx: typer.Context,
                                                      help="Flower port (default: a free one at start)."),
            flower_host: str | None = typer.Option(None, show_default=False,
                                                      help="Host devices use to reach the Flower server."),
+           register_if: str | None = RegisterIfOpt, model_name: str | None = ModelNameOpt,
            output: OutputOpt = Output.TABLE) -> None:
     """Create a task."""
     if folder is not None:  # a path on the cloud host; relative to here if this is the cloud host
@@ -74,7 +81,8 @@ def create(ctx: typer.Context,
                                      args=json_arg(args, "--args"),
                                      requirements=json_arg(requirements, "--requirements"),
                                      tags=tag or None, priority=priority, flower_port=flower_port,
-                                     flower_host=flower_host).items() if v is not None}
+                                     flower_host=flower_host, register_if=register_if,
+                                     model_name=model_name).items() if v is not None}
     show(rpc(ctx, "tasks", "create", payload), output, _one)
 
 
@@ -102,10 +110,12 @@ def update(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
            priority: int | None = typer.Option(None, show_default=False, help="New priority."),
            bundle: str | None = typer.Option(None, show_default=False, help="New bundle digest (task stopped)."),
            tag: list[str] = typer.Option([], "--tag", help="Tags replacing the current ones; repeatable."),
+           register_if: str | None = RegisterIfOpt, model_name: str | None = ModelNameOpt,
            output: OutputOpt = Output.TABLE) -> None:
-    """Change criteria, arguments, priority, tags or bundle (a new revision)."""
+    """Change criteria, arguments, priority, tags, bundle or the model policy (a new revision)."""
     payload = {k: v for k, v in dict(task=task, criteria=criteria, args=json_arg(args, "--args"),
-                                     priority=priority, bundle=bundle, tags=tag or None).items() if v is not None}
+                                     priority=priority, bundle=bundle, tags=tag or None, register_if=register_if,
+                                     model_name=model_name).items() if v is not None}
     show(rpc(ctx, "tasks", "update", payload), output, _one)
 
 
