@@ -60,6 +60,7 @@ log = logging.getLogger("fedmq.edge.models")
 
 MODEL_FILE = "model.npz"               # as ftdl.reporter.MODEL_FILE (not imported: it is ftdl's task side)
 INSTALLED_FILE = "installed.json"
+SIGNATURE_FILE = "signature.json"     # beside a version's file: the signature this device checked
 REPORTS_FILE = "reports.json"
 KEEP_VERSIONS = 3                      # per name: the running one and the latest others (rollbacks)
 MAX_MODEL_BYTES = 512 * 1024 * 1024    # a model is fetched into memory before it is written
@@ -337,15 +338,28 @@ class ModelDeployer:
 
     # --- the steps of an install ----------------------------------------------------------------
     def _verify(self, name: str, want: DesiredModel) -> None:
-        if want.signature is None and self.settings.allow_unsigned:
+        """The operator's signature over NAME:VERSION and the digest, checked against the trusted
+        keys.  A record without one (a rollback to a version no deployment of the cloud's signs any
+        more) may rely on the signature this device checked when it first installed that version,
+        kept beside the file -- checked again now, against today's trusted keys."""
+        signer, signature = want.key_id, want.signature
+        kept = self.version_dir(name, want.version) / SIGNATURE_FILE
+        if signature is None:
+            try:
+                stored = json.loads(kept.read_text())
+                if stored.get("sha256") == want.sha256:
+                    signer, signature = stored.get("key_id"), stored.get("signature")
+            except (OSError, ValueError, AttributeError):
+                pass
+        if signature is None and self.settings.allow_unsigned:
             return
         from fedmq.ftdl.signing import SigningError, TrustStore
 
         try:
-            (self._trust() or TrustStore()).verify_model(name, want.version, want.sha256, want.key_id,
-                                                         want.signature)
+            (self._trust() or TrustStore()).verify_model(name, want.version, want.sha256, signer, signature)
         except SigningError as exc:
-            raise InstallError("bad_signature" if want.signature else "unsigned", f"signature refused: {exc}") from None
+            raise InstallError("bad_signature" if signature else "unsigned", f"signature refused: {exc}") from None
+        write_json(kept, {"sha256": want.sha256, "key_id": signer, "signature": signature})
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
@@ -452,6 +466,8 @@ class ModelDeployer:
         write_json(self.root / INSTALLED_FILE, self.state.model_dump(mode="json"))
 
     def _queue_report(self, report: Report) -> None:
+        if not report.deployment:  # desired by no deployment (the cloud has none to tell)
+            return
         self.reports.pending.append(report)
         write_json(self.root / REPORTS_FILE, self.reports.model_dump(mode="json"))
 

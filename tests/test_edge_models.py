@@ -139,7 +139,7 @@ class Harness:
         self.conn.publish(TOPICS.model_blob(sha), b"", qos=1, retain=True).wait_for_publish(10)
 
     def deploy(self, version: int, arrays: list[np.ndarray], deployment: str, *, tamper: bool = False,
-               forge: bool = False, publish_file: bool = True) -> DesiredModel:
+               forge: bool = False, publish_file: bool = True, unsigned: bool = False) -> DesiredModel:
         if publish_file:
             sha, size = self.publish_file(arrays, tamper)
         else:
@@ -147,7 +147,8 @@ class Harness:
             sha, size = hashlib.sha256(data).hexdigest(), len(data)
         signed = model_signing_message(NAME, version + 1 if forge else version, sha)
         want = DesiredModel(version=version, sha256=sha, size=size, bundle=self.bundle, deployment=deployment,
-                            signature=self.key.sign(signed), key_id=self.key.key_id)
+                            signature=None if unsigned else self.key.sign(signed),
+                            key_id=None if unsigned else self.key.key_id)
         self.desired[NAME] = want
         self.seq += 1
         self.conn.publish(TOPICS.device_models(DEVICE), DesiredModels(seq=self.seq, models=self.desired).encode(),
@@ -232,9 +233,10 @@ def test_install_reports_health_then_a_rollback_needs_no_download(harness: Harne
     report = harness.report()
     assert report["ok"] and report["version"] == 2 and report["metrics"]["r2"] < 0.99
     assert harness.event(EventKind.MODEL_INSTALLED)["data"]["previous"] == 1
-    # Roll back: version 1's file is gone from the broker, yet it comes back from the device's own copy.
+    # Roll back: version 1's file is gone from the broker, yet it comes back from the device's own copy,
+    # and a record without a signature is taken on the one the device checked for that version before.
     harness.clear_file(first.sha256, first.size)
-    harness.deploy(1, GOOD, "dep-2", publish_file=False)
+    harness.deploy(1, GOOD, "dep-1", publish_file=False, unsigned=True)
     report = harness.report()
     assert report["ok"] and report["version"] == 1 and report["metrics"]["r2"] > 0.99
     back = harness.event(EventKind.MODEL_INSTALLED)
@@ -243,7 +245,8 @@ def test_install_reports_health_then_a_rollback_needs_no_download(harness: Harne
     wait(lambda: harness.cloud.infos[-1].get("models") == {NAME: 1})
 
 
-@pytest.mark.parametrize(("case", "cause"), [("forged", "signature refused"), ("tampered", "tampered_chunk"),
+@pytest.mark.parametrize(("case", "cause"), [("forged", "signature refused"), ("unsigned", "is not signed"),
+                                             ("tampered", "tampered_chunk"),
                                              ("crash", "the deploy entry point failed: exit code 1: ValueError")])
 def test_a_failed_install_is_reported_and_keeps_the_previous_version(harness: Harness, case: str,
                                                                      cause: str) -> None:
@@ -252,7 +255,7 @@ def test_a_failed_install_is_reported_and_keeps_the_previous_version(harness: Ha
     harness.deploy(1, GOOD, "dep-1")
     assert harness.report()["ok"]
     bad = [np.zeros(5), np.zeros(2)] if case == "crash" else WORSE  # deploy.py cannot serve two arrays
-    harness.deploy(2, bad, "dep-2", forge=case == "forged", tamper=case == "tampered")
+    harness.deploy(2, bad, "dep-2", forge=case == "forged", tamper=case == "tampered", unsigned=case == "unsigned")
     report = harness.report()
     assert not report["ok"] and cause in report["error"] and report["version"] == 2, report
     failed = harness.event(EventKind.MODEL_INSTALL_FAILED)
