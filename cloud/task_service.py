@@ -15,16 +15,11 @@ from fedmq.cloud.errors import InvalidTask
 from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
+from fedmq.cloud.task_fields import MAX_ARGS_BYTES, CriteriaText, Name, Priority, Tags
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 from fedmq.cloud.task_views import task_view
 
-MAX_ARGS_BYTES = 16 * 1024
-Tag = Annotated[str, Field(min_length=1, max_length=64)]
-Tags = Annotated[list[Tag], Field(max_length=16)]
-Priority = Annotated[int, Field(ge=-1000, le=1000)]
 Port = Annotated[int, Field(ge=1024, le=65535)]
-Name = Annotated[str, Field(min_length=1, max_length=128)]
-CriteriaText = Annotated[str, Field(max_length=4000)]
 RunNumber = Annotated[int, Field(ge=1)]
 Limit = Annotated[int, Field(ge=1, le=MAX_LIMIT)]
 
