@@ -9,7 +9,10 @@ those too (without publishing them again).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from peewee import Database, ModelSelect
@@ -28,6 +31,11 @@ TIMELINE_STEPS = (EventKind.TASK_CREATED, EventKind.TASK_STARTED, EventKind.DEVI
                   EventKind.FL_ROUND_TIMEOUT, EventKind.FL_FINISHED)
 
 
+# Data every event recorded in this context carries (``EventLog.context``): a caller that makes
+# several changes through the domain (fedmq apply) says once where they came from.
+_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("fedmq_event_context", default=None)
+
+
 class EventLog:
     def __init__(self, db: Database, publisher: Publisher | None, component: str = "cloud") -> None:
         self.db, self.publisher, self.component = db, publisher, component
@@ -36,12 +44,24 @@ class EventLog:
                run: int | None = None, data: dict[str, Any] | None = None, component: str | None = None,
                ts: float | None = None, publish: bool = True) -> EventRecord:
         record = EventRecord(ts=ts or time.time(), component=component or self.component, kind=str(kind),
-                             task=task, device=device, run=run, data=data or {})
+                             task=task, device=device, run=run, data={**(_CONTEXT.get() or {}), **(data or {})})
         Event.create(ts=record.ts, component=record.component, kind=record.kind, task=task, device=device,
                      run=run, data=record.data)
         if publish:
             self.publish(record)
         return record
+
+    @staticmethod
+    @contextlib.contextmanager
+    def context(**data: Any) -> Iterator[None]:
+        """Events recorded inside the block, on this thread, carry ``data`` too (an event's own
+        keys win): the lifecycle's task events name the file an apply came from without every
+        verb of the lifecycle taking a parameter for it."""
+        token = _CONTEXT.set({**(_CONTEXT.get() or {}), **data})
+        try:
+            yield
+        finally:
+            _CONTEXT.reset(token)
 
     def record_many(self, records: list[EventRecord]) -> list[EventRecord]:
         """Rows in one statement, published by the caller (``publish``) once committed."""
