@@ -113,12 +113,14 @@ class EdgeAgent:
     @property
     def fetcher(self) -> BundleFetcher:
         """Made on first use: bundles (and their signatures) are only a concern once offered one."""
-        if self._fetcher is None:
-            from fedmq.edge.bundle_fetch import BundleFetcher
-            from fedmq.ftdl.signing import TrustStore
-            self._fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache",
-                                          trust=self._trust or TrustStore(), allow_unsigned=self.config.allow_unsigned)
-        return self._fetcher
+        with self._lock:  # the decision cycle and the deployed models' worker may both ask first
+            if self._fetcher is None:
+                from fedmq.edge.bundle_fetch import BundleFetcher
+                from fedmq.ftdl.signing import TrustStore
+                self._fetcher = BundleFetcher(self.connection, self.topics, self.work / "cache",
+                                              trust=self._trust or TrustStore(),
+                                              allow_unsigned=self.config.allow_unsigned)
+            return self._fetcher
 
     # --- presence --------------------------------------------------------------------------
     def _will(self) -> Will:

@@ -199,6 +199,10 @@ class BundleFetcher:
         (self.cache / "bundles").mkdir(parents=True, exist_ok=True)
         (self.cache / "partial").mkdir(parents=True, exist_ok=True)
         self._downloads: set[_Download] = set()
+        # One fetch per digest at a time: the agent's task start and its deployed models may want the
+        # same bundle at once, and two downloads of one digest would share a partial file and a callback.
+        self._busy: dict[str, threading.Lock] = {}
+        self._busy_lock = threading.Lock()
         connection.add_connect_listener(self._on_reconnect)
 
     def _on_reconnect(self, _session_present: bool) -> None:
@@ -224,13 +228,16 @@ class BundleFetcher:
         except TopicError as exc:
             raise BundleError("bad_manifest", str(exc)) from None
         target = self.path_for(digest)
-        if target.is_dir():
-            return FetchResult(digest, target, cached=True)
-        try:
-            return self._fetch(digest, target, manifest_timeout, stall_timeout, emit)
-        except BundleError as exc:
-            emit("bundle_refused", {"digest": digest, "reason": exc.code, "message": exc.message})
-            raise
+        with self._busy_lock:
+            busy = self._busy.setdefault(digest, threading.Lock())
+        with busy:
+            if target.is_dir():
+                return FetchResult(digest, target, cached=True)
+            try:
+                return self._fetch(digest, target, manifest_timeout, stall_timeout, emit)
+            except BundleError as exc:
+                emit("bundle_refused", {"digest": digest, "reason": exc.code, "message": exc.message})
+                raise
 
     def _wait_manifest(self, digest: str, timeout: float) -> BundleManifest:
         got: list[bytes] = []
