@@ -23,6 +23,8 @@ from fedmq.cloud.device_service import DeviceService
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.event_service import EventService
 from fedmq.cloud.events import EventLog
+from fedmq.cloud.fleet_service import FleetService
+from fedmq.cloud.fleet_state import FleetState
 from fedmq.cloud.identities import IdentityRegistry, OpenBroker
 from fedmq.cloud.identity_service import IdentityService
 from fedmq.cloud.inbound import Inbound
@@ -43,7 +45,7 @@ from fedmq.ftdl.serverless.blobs import Blobs
 from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
-ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities", "models")
+ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities", "models", "fleet")
 
 
 @dataclass
@@ -129,6 +131,7 @@ class CloudApp:
                     "devices": lambda: DeviceService(self.registry),
                     "tasks": lambda: TaskService(self.tasks, self.selection, self.history),
                     "events": EventService,
+                    "fleet": lambda: FleetService(FleetState(self.db, self.tasks, self.store, self.events)),
                     "identities": lambda: IdentityService(self.identities),
                     "models": lambda: ModelService(self.models)}
         for name in config.services:

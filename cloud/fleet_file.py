@@ -17,6 +17,8 @@ the table header or key that introduced it.
     tags = ["demo"]
     priority = 0
     state = "created"                   # created | running | stopped
+    register_if = "accuracy >= 0.9"     # a finished run that satisfies it is registered...
+    model_name = "digits"               # ...as the next version of this model (default: the task's name)
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def _args(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _model_name(name: str) -> str:
+    # The registry's rule (cloud/model_registry.check_model_name, which the cloud applies again):
+    # an id without ":", which separates the name from the version in NAME:VERSION.
+    check_id(name, "model name")
+    if ":" in name:
+        raise ValueError(f"invalid model name {name!r}: no ':' (it separates NAME:VERSION)")
+    return name
+
+
 TaskId = Annotated[str, AfterValidator(lambda v: check_id(v, "task id"))]
 
 
@@ -85,6 +96,8 @@ class TaskSpec(BaseModel):
     tags: Tags = Field(default_factory=list)
     priority: Priority = 0
     state: DesiredState = DesiredState.CREATED
+    register_if: Annotated[CriteriaText, AfterValidator(_criteria)] = ""  # over a finished run's final metrics
+    model_name: Annotated[Name, AfterValidator(_model_name)] | None = None  # default: the task's name
 
     @field_validator("state", mode="before")
     @classmethod
