@@ -15,7 +15,22 @@ import typer
 from fedmq import __version__
 from fedmq.broker.connection import BrokerSettings
 from fedmq.broker.urls import with_absolute_files
-from fedmq.cli import apply, broker, bundle, call, cloud, dashboards, demo, device, edge, keys, model, operator, task
+from fedmq.cli import (
+    apply,
+    broker,
+    bundle,
+    call,
+    cloud,
+    dashboards,
+    demo,
+    device,
+    edge,
+    keys,
+    model,
+    operator,
+    runs,
+    task,
+)
 from fedmq.cli.common import Globals, console
 
 EXIT_CODES = ("Exit codes: 0 done; 1 the service answered with an error (or a task or the demo ended "
@@ -61,5 +76,5 @@ def main(ctx: typer.Context,
 for module in (broker, cloud, edge, demo, dashboards, call, apply):
     module.register(app)
 for module, name in ((task, "task"), (device, "device"), (operator, "operator"), (bundle, "bundle"), (keys, "keys"),
-                     (model, "model")):
+                     (model, "model"), (runs, "run")):
     app.add_typer(module.app, name=name)

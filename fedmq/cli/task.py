@@ -277,17 +277,31 @@ def logs(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."), r
         typer.echo("\n".join(result["lines"]))
 
 
+def fingerprints(data: dict[str, Any], most: int = 3) -> str:
+    """The devices' data fingerprints in a cell: each distinct short digest with how many devices
+    trained on it (``3f2a9c01×2 77b0e4d2×1``), the commonest first."""
+    counts: dict[str, int] = {}
+    for fingerprint in data.values():
+        short = str(fingerprint.get("digest", ""))[:8]
+        counts[short] = counts.get(short, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    text = " ".join(f"{digest}×{n}" for digest, n in ranked[:most])
+    return text + (f" +{len(ranked) - most} more" if len(ranked) > most else "") or "-"
+
+
 def _runs_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("run", "state", "started", "duration", "bundle", "args")
+    table = Table("run", "state", "started", "duration", "rev", "mode", "bundle", "cohort", "data", "args")
     for r in rows:
         duration = f"{r['finished'] - r['started']:.1f}s" if r.get("finished") else "-"
-        table.add_row(str(r["run"]), r["state"], ago(r["started"]), duration, (r.get("bundle") or "")[:12],
-                      json.dumps(r.get("args") or {}))
+        revision = r.get("revision") or {}
+        table.add_row(str(r["run"]), r["state"], ago(r["started"]), duration, str(revision.get("revision") or "-"),
+                      revision.get("mode") or "-", (revision.get("bundle") or "")[:12], str(len(r.get("cohort") or [])),
+                      fingerprints(r.get("data") or {}), json.dumps(revision.get("args") or {}))
     return table
 
 
 @app.command("runs")
 def runs(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
          output: OutputOpt = Output.TABLE) -> None:
-    """Every run of a task."""
+    """Every run of a task: its revision, cohort and their data fingerprints (fedmq run show TASK:RUN for one)."""
     show(rpc_items(ctx, "tasks", "runs", {"task": task}), output, _runs_table)
