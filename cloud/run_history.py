@@ -75,7 +75,9 @@ class RunHistory:
         cohorts: dict[int, set[str]] = {}
         rounds: dict[int, set[int]] = {}
         for event in query.order_by(Event.ts, Event.id):
-            number, data = int(event.run), event.data or {}
+            number, data = event.run, event.data or {}
+            if number is None:
+                continue
             if event.kind == EventKind.TASK_STARTED:
                 runs[number] = {"task": task_id, "run": number, "started": event.ts, "finished": None,
                                 "state": TaskState.RUNNING, "reason": None,
