@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_security import wait_for as wait
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
@@ -197,16 +198,6 @@ def harness(embedded_broker: Any, tmp_path: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
-
-
-def wait(predicate: Any, timeout: float = 15.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met")
 
 
 def test_the_deploy_section_is_an_entry_point_and_absent_changes_nothing() -> None:
