@@ -221,6 +221,14 @@ def test_the_cloud_validates_the_desired_state_again(fleet: Fleet) -> None:
     digest = fleet.call("tasks", "get", {"task": "lin-a"})["bundle"]
     assert "managed by fleet 'test-fleet'" in refused({"fleet": "other", "tasks": {"lin-a": {"bundle": digest}}},
                                                       ErrorCode.CONFLICT)
+    # A task made by hand that a file names is adopted: managed by that fleet from now on.
+    fleet.call("tasks", "create", {"name": "hand", "task": "hand", "bundle": digest})
+    adopted = fleet.call("fleet", "apply", {"desired": {"fleet": "other", "tasks": {"hand": {"bundle": digest,
+                                                                                             "priority": 1}}},
+                                            "source": source})
+    assert adopted == [{"action": "update", "kind": "task", "id": "hand",
+                        "fields": {"priority": [0, 1], "managed_by": [None, "other"]}}]
+    assert Task.get_by_id("hand").lifecycle == {"managed_by": "other"}
 
 
 def test_the_example_fleet_file_is_valid_and_its_bundle_folder_exists() -> None:

@@ -112,6 +112,8 @@ def _value(name: str, value: Any) -> str:
         return "-"
     if name == "bundle" and isinstance(value, str):
         return value[:12]
+    if name == "requirements" and isinstance(value, dict):  # the keys that say something
+        value = {k: v for k, v in value.items() if v not in (None, [], {})}
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return text if len(text) <= 60 else text[:59] + "…"
 
