@@ -36,8 +36,9 @@ from fedmq.cloud.task_views import load_task
 from fedmq.ftdl.bundle import file_digest
 from fedmq.ftdl.reporter import MODEL_FILE
 
-# Lineage fields that differ between any two runs and say nothing about how a model was made.
-_TIMES = ("started", "finished")
+# Lineage fields a diff leaves out: times differ between any two runs and say nothing about how a
+# model was made; the final metrics are compared on their own, side by side.
+_NOT_COMPARED = ("started", "finished", "metrics")
 
 
 def check_model_name(name: str) -> str:
@@ -218,10 +219,10 @@ class ModelRegistry:
 
     def diff(self, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
         """What differs between two versions: their lineage (key by key, times left out) and
-        their metrics (every one, side by side)."""
+        their final metrics (every one, side by side)."""
         keys = sorted((a.metrics or {}).keys() | (b.metrics or {}).keys())
         return {"a": model_view(a).to_wire(), "b": model_view(b).to_wire(), "same_model": a.sha256 == b.sha256,
-                "lineage": differences(a.lineage or {}, b.lineage or {}, ignore=_TIMES),
+                "lineage": differences(a.lineage or {}, b.lineage or {}, ignore=_NOT_COMPARED),
                 "metrics": {k: [(a.metrics or {}).get(k), (b.metrics or {}).get(k)] for k in keys}}
 
     def artifact(self, name: str, version: int | None, offset: int, size: int) -> dict[str, Any]:

@@ -37,9 +37,16 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def _metrics(metrics: dict[str, Any], limit: int = 4) -> str:
-    shown = [f"{k}={_value(v)}" for k, v in sorted(metrics.items()) if k != "round"][:limit]
-    return " ".join(shown) + (" …" if len(metrics) > limit + ("round" in metrics) else "")
+_FIRST = ("accuracy", "loss")
+
+
+def _metrics(metrics: dict[str, Any], limit: int = 3) -> str:
+    """The telling metrics in a cell: accuracy and loss first, counts (rounds, clients, examples) left out."""
+    keys = [k for k in metrics if k not in ("round", "examples", "eval_examples")
+            and not k.endswith(("_clients", "_failures"))]
+    keys.sort(key=lambda k: (_FIRST.index(k) if k in _FIRST else len(_FIRST), k))
+    shown = " ".join(f"{k}={_value(metrics[k])}" for k in keys[:limit])
+    return shown + (" …" if len(keys) > limit else "") or "-"
 
 
 def _versions_table(rows: list[dict[str, Any]]) -> Table:
