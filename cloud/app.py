@@ -19,6 +19,8 @@ from fedmq.cloud.broker_accounts import DynsecAccounts
 from fedmq.cloud.bundle_service import BundleService
 from fedmq.cloud.bundle_store import BundleStore
 from fedmq.cloud.db import Device, open_database
+from fedmq.cloud.deployment_service import DeploymentService
+from fedmq.cloud.deployments import Deployments
 from fedmq.cloud.device_service import DeviceService
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.event_service import EventService
@@ -45,7 +47,7 @@ from fedmq.ftdl.serverless.blobs import Blobs
 from fedmq.ftdl.signing import TrustStore
 
 log = logging.getLogger("fedmq.cloud")
-ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities", "models", "fleet")
+ALL_SERVICES = ("bundles", "devices", "tasks", "events", "identities", "models", "fleet", "deployments")
 
 
 @dataclass
@@ -115,6 +117,8 @@ class CloudApp:
         # The registry's policy decides on every finished run, whichever services this process serves.
         self.models = ModelRegistry(self.db, self.home, self.history, self.events)
         self.tasks.finished_listeners.append(self.models.on_run_finished)
+        self.deployments = Deployments(self.db, self.events, self.publisher, self.models, store=self.store,
+                                       trust=trust, require_signed=config.require_signed)
         self.replica = ReplicaPresence(self.connection, self.topics, config.client_id, self.tasks.replica_lost)
         self.registry = DeviceRegistry(self.db, self.events, self.batcher)
         self.registry.listeners.append(self.selection.device_changed)
@@ -131,9 +135,11 @@ class CloudApp:
                     "devices": lambda: DeviceService(self.registry),
                     "tasks": lambda: TaskService(self.tasks, self.selection, self.history),
                     "events": EventService,
-                    "fleet": lambda: FleetService(FleetState(self.db, self.tasks, self.store, self.events)),
+                    "fleet": lambda: FleetService(FleetState(self.db, self.tasks, self.store, self.events,
+                                                             self.deployments)),
                     "identities": lambda: IdentityService(self.identities),
-                    "models": lambda: ModelService(self.models)}
+                    "models": lambda: ModelService(self.models),
+                    "deployments": lambda: DeploymentService(self.deployments)}
         for name in config.services:
             self.server.add(services[name]())
         self._stop = threading.Event()
@@ -169,6 +175,8 @@ class CloudApp:
                 log.warning("tasks interrupted by the previous cloud's end, now failed: %s", failed)
         self.connection.wait_subscribed(timeout)
         self.shared_connection.wait_subscribed(timeout)
+        if "deployments" in self.config.services:
+            self.deployments.start()  # the ticker: stage timeouts, and what a restart left undecided
         log.info("cloud services %s on %s", sorted(self.server.services), self.connection.settings.url)
         return self
 
@@ -198,18 +206,25 @@ class CloudApp:
         self.replica.birth()
         # A broker that restarted without persistence (amqtt) lost the retained announcements and
         # bundles: put them back.  Off paho's thread, since publishing waits for acknowledgements.
-        if "tasks" in self.config.services and (self._started_once or not session_present):
+        if (self._started_once or not session_present) and {"tasks", "deployments"} & set(self.config.services):
             threading.Thread(target=self._republish, name="republish", daemon=True).start()
         self._started_once = True
 
     def _republish(self) -> None:
-        try:
-            self.tasks.republish()
-        except Exception:
-            log.exception("republishing announcements failed")
+        if "tasks" in self.config.services:
+            try:
+                self.tasks.republish()
+            except Exception:
+                log.exception("republishing announcements failed")
+        if "deployments" in self.config.services:
+            try:
+                self.deployments.republish()  # model files, then each device's desired models
+            except Exception:
+                log.exception("republishing desired models failed")
 
     def stop(self) -> None:
         self._stop.set()
+        self.deployments.stop()
         if "tasks" in self.config.services:
             self.tasks.shutdown()
         self.replica.goodbye()

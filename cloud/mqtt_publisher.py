@@ -8,6 +8,7 @@ the manifest ``bundles/<digest>/manifest`` (JSON, for people and Node-RED as muc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,10 +19,11 @@ from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection
 from fedmq.broker.events import EventRecord, publish_event
 from fedmq.broker.presence import Presence
-from fedmq.broker.schema import DeviceCommand, TaskAnnouncement
+from fedmq.broker.schema import DesiredModels, DeviceCommand, ModelManifest, TaskAnnouncement
 from fedmq.broker.topics import Topics
 from fedmq.cloud.bundle_store import BundleStore
 from fedmq.ftdl.bundle import DEFAULT_CHUNK_SIZE, BundleManifest, rechunk
+from fedmq.ftdl.chunks import clear_chunks, publish_chunks, split
 
 log = logging.getLogger("fedmq.cloud.publisher")
 ACK_TIMEOUT_S = 30.0
@@ -77,6 +79,26 @@ class MqttPublisher:
                                                  retain=True))
         for info in infos:
             info.wait_for_publish(ACK_TIMEOUT_S)
+
+    def desired_models(self, device: str, record: DesiredModels) -> None:
+        """The device's desired models, retained (msgpack): a device that is away gets them on return."""
+        self.connection.publish(self.topics.device_models(device), record.encode(), qos=1, retain=True)
+
+    def publish_model(self, sha256: str, data: bytes) -> None:
+        """A model file as retained chunks ``models/<sha256>/<i>``, acknowledged, then its manifest."""
+        chunks = split(data, self.chunk_size)
+        publish_chunks(self.connection, lambda i: self.topics.model_blob(sha256, i), chunks, timeout=ACK_TIMEOUT_S)
+        manifest = ModelManifest(sha256=sha256, size=len(data), chunk_size=self.chunk_size,
+                                 chunks=[hashlib.sha256(chunk).hexdigest() for chunk in chunks])
+        self.connection.publish(self.topics.model_blob(sha256), manifest.encode(), qos=1,
+                                retain=True).wait_for_publish(ACK_TIMEOUT_S)
+        log.info("published model file %s (%d chunks of %d bytes)", sha256[:12], len(chunks), self.chunk_size)
+
+    def clear_model(self, sha256: str, size: int) -> None:
+        """Manifest first (nobody starts a download of what is going), then the chunks."""
+        self.connection.publish(self.topics.model_blob(sha256), b"", qos=1, retain=True)
+        clear_chunks(self.connection, lambda i: self.topics.model_blob(sha256, i), -(-size // self.chunk_size))
+        log.info("cleared model file %s from the broker", sha256[:12])
 
     def clear_serverless(self, task_id: str, settle_s: float = 1.0, limit_s: float = 30.0) -> int:
         """Every retained message under ``tasks/<task>/fl/#`` -- the participants' states, updates,
