@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -145,21 +146,30 @@ class ModelRegistry:
         if not source.is_file():
             raise RunNotFound(f"run {number} of {task_id} saved no model (its server does not use "
                               "fedmq.ftdl.flower.serve, or the file was removed)")
+        # Copied and hashed aside first; moved to its version's folder only once the row is in:
+        # two registrations racing for one version number (replicas on PostgreSQL) never write
+        # the same file, and a failed one leaves no file behind.
+        staged = self.home / "models" / f".staged-{uuid.uuid4().hex}{Path(MODEL_FILE).suffix}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
         try:
+            shutil.copyfile(source, staged)
+            sha256, size = file_digest(staged), staged.stat().st_size
             with write_transaction(self.db):
                 latest = ModelVersion.select(fn.MAX(ModelVersion.version)).where(ModelVersion.name == name).scalar()
                 version = int(latest or 0) + 1
+                row = ModelVersion.create(name=name, version=version, task=task_id, run=number, sha256=sha256,
+                                          size=size, metrics=record.get("metrics") or {}, lineage=record,
+                                          note=note, created=time.time(), created_by=by)
                 target = self.path(name, version)
-                self._copy(source, target)  # inside the transaction: a failed copy records nothing
-                row = ModelVersion.create(name=name, version=version, task=task_id, run=number,
-                                          sha256=file_digest(target), size=target.stat().st_size,
-                                          metrics=record.get("metrics") or {}, lineage=record, note=note,
-                                          created=time.time(), created_by=by)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged.replace(target)  # before the commit: a version on record always has its file
         except IntegrityError:  # another registration took that version first: the same run, or a conflict
             existing = self._version_of(name, task_id, number)
             if existing is not None:
                 return existing, False
             raise ModelConflict(f"another version of {name} was registered at the same moment; try again") from None
+        finally:
+            staged.unlink(missing_ok=True)
         self.events.record(EventKind.MODEL_REGISTERED, task=task_id, run=number,
                            data={"name": name, "version": version, "task": task_id, "run": number,
                                  "sha256": row.sha256, "by": by, **(data or {}),
@@ -170,13 +180,6 @@ class ModelRegistry:
     def _version_of(name: str, task_id: str, run: int) -> ModelVersion | None:
         return ModelVersion.get_or_none((ModelVersion.name == name) & (ModelVersion.task == task_id) &
                                         (ModelVersion.run == run))
-
-    @staticmethod
-    def _copy(source: Path, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        shutil.copyfile(source, partial)
-        partial.replace(target)
 
     # --- the task's policy, when a run finishes ----------------------------------------------------
     def on_run_finished(self, task: Task, run: int) -> None:
