@@ -114,6 +114,50 @@ class TaskSpec(BaseModel):
         return bool(DIGEST.match(self.bundle))
 
 
+def _model_ref(text: str) -> str:
+    name, colon, version = text.rpartition(":")
+    if not colon or not version.isdigit() or int(version) < 1:
+        raise ValueError(f"{text!r} is not NAME:VERSION, like digits:3")
+    _model_name(name)
+    return text
+
+
+def _stages(stages: list[float]) -> list[float]:
+    from fedmq.cloud.deployments import check_stages  # here: the CLI pays for it only with deployments
+
+    try:
+        return check_stages(stages)
+    except Invalid as exc:
+        raise ValueError(exc.message.removeprefix("stages: ")) from None
+
+
+DeploymentId = Annotated[str, AfterValidator(lambda v: check_id(v, "deployment id"))]
+
+
+class DeploymentSpec(BaseModel):
+    """``[deployments.<id>]``: a roll-out that should exist (``fedmq deploy start`` as a file).
+    A deployment is a decision in time, not a state to hold: once created, whatever became of it
+    (completed, rolled back) is in sync; a different model or plan under the same id is refused
+    -- a new roll-out is a new id."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    model: Annotated[str, Field(max_length=160), AfterValidator(_model_ref)]
+    to: Annotated[CriteriaText, AfterValidator(_criteria)] = ""
+    stages: Annotated[list[float], AfterValidator(_stages)] = Field(default_factory=lambda: [1.0])
+    max_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    health: Annotated[CriteriaText, AfterValidator(_criteria)] = ""
+    stage_timeout_s: Annotated[float, Field(ge=1, le=7 * 24 * 3600)] = 600.0
+
+    @property
+    def name(self) -> str:
+        return self.model.rpartition(":")[0]
+
+    @property
+    def version(self) -> int:
+        return int(self.model.rpartition(":")[2])
+
+
 class FleetSpec(BaseModel):
     """The whole file."""
 
@@ -121,6 +165,8 @@ class FleetSpec(BaseModel):
 
     fleet: Annotated[str, AfterValidator(lambda v: check_id(v, "fleet name"))] | None = None
     tasks: Annotated[dict[TaskId, TaskSpec], Field(max_length=MAX_TASKS)] = Field(default_factory=dict)
+    deployments: Annotated[dict[DeploymentId, DeploymentSpec], Field(max_length=MAX_TASKS)] = \
+        Field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         """As sent to the cloud: only what the file said, so both sides apply the same defaults."""
@@ -136,6 +182,16 @@ class FleetSource(BaseModel):
     digest: Annotated[str, Field(pattern=DIGEST.pattern)]
 
 
+class ModelSignature(BaseModel):
+    """The operator's signature of a deployment's model (``model_signing_message``), made by the
+    CLI with ``--key`` for each deployment the plan creates."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    signature: Annotated[str, Field(max_length=256)]
+    key_id: Annotated[str, Field(max_length=32)]
+
+
 class FleetFileError(Invalid):
     """A fleet file (or desired state) that cannot be used; ``details`` lists every problem."""
 
@@ -147,17 +203,12 @@ class FleetFileError(Invalid):
 
 def _allowed(loc: tuple[Any, ...]) -> list[str]:
     """The keys the table holding ``loc`` allows (for an "unknown key" message)."""
-    model: Any = FleetSpec
-    for part in loc[:-1]:
-        if model is FleetSpec and part == "tasks":
-            model = dict
-        elif model is dict:
-            model = TaskSpec
-        elif model is TaskSpec and part == "requirements":
-            model = Requirements
-        else:
-            return []
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    parents = tuple(loc[:-1])
+    tables: dict[tuple[Any, ...], type[BaseModel]] = {(): FleetSpec}
+    if len(parents) >= 2:
+        tables[parents[:2]] = {"tasks": TaskSpec, "deployments": DeploymentSpec}.get(parents[0], BaseModel)
+        tables[(*parents[:2], "requirements")] = Requirements
+    return list(tables.get(parents, BaseModel).model_fields)
 
 
 def _message(error: Any) -> str:

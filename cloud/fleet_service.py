@@ -7,11 +7,13 @@ recorded with every change.  Both return the changes, ``[]`` when the tasks matc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from fedmq.broker.roles import OPERATOR, READERS
 from fedmq.broker.rpc_server import rpc
-from fedmq.cloud.fleet_file import FleetSource, validate_desired
+from fedmq.cloud.fleet_file import FleetSource, ModelSignature, validate_desired
 from fedmq.cloud.fleet_state import FleetState
 
 
@@ -27,7 +29,10 @@ class FleetService:
         return [c.to_wire() for c in self.fleet.diff(validate_desired(desired), source, prune)]
 
     @rpc(roles=OPERATOR)
-    def apply(self, desired: dict[str, Any], source: FleetSource, prune: bool = False) -> list[dict[str, Any]]:
-        """Make the tasks what ``desired`` says; with ``prune``, delete the tasks this fleet
-        manages that it no longer names.  The changes made, in order."""
-        return [c.to_wire() for c in self.fleet.apply(validate_desired(desired), source, prune)]
+    def apply(self, desired: dict[str, Any], source: FleetSource, prune: bool = False,
+              signatures: Annotated[dict[str, ModelSignature], Field(max_length=1000)] | None = None,
+              ) -> list[dict[str, Any]]:
+        """Make the tasks and deployments what ``desired`` says; with ``prune``, delete the tasks
+        this fleet manages that it no longer names.  ``signatures``: by deployment id, the
+        operator's signature of the model it deploys.  The changes made, in order."""
+        return [c.to_wire() for c in self.fleet.apply(validate_desired(desired), source, prune, signatures)]

@@ -30,15 +30,25 @@ from peewee import Database
 from fedmq.broker.events import EventKind
 from fedmq.broker.schema import TaskState
 from fedmq.cloud.bundle_store import BundleStore
-from fedmq.cloud.db import Task, write_transaction
+from fedmq.cloud.db import Deployment, ModelVersion, Task, write_transaction
+from fedmq.cloud.deployments import DeploymentConflict, Deployments
 from fedmq.cloud.errors import TaskConflict
 from fedmq.cloud.events import EventLog
-from fedmq.cloud.fleet_file import DesiredState, FleetFileError, FleetSource, FleetSpec, TaskSpec
+from fedmq.cloud.fleet_file import (
+    DeploymentSpec,
+    DesiredState,
+    FleetFileError,
+    FleetSource,
+    FleetSpec,
+    ModelSignature,
+    TaskSpec,
+)
 from fedmq.cloud.model_registry import model_policy
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 
 MANAGED_BY = "managed_by"  # the key in Task.lifecycle that names the fleet that manages the task
 COMPONENT = "cloud.fleet"
+DEPLOYMENT_FIELDS = ("model", "to", "stages", "max_failure_rate", "health", "stage_timeout_s")
 TASK_FIELDS = ("name", "bundle", "args", "criteria", "requirements", "tags", "priority", "register_if", "model_name")
 _NOT_RUNNING = {TaskState.CREATED, TaskState.STOPPED}  # what a desired "running" starts
 
@@ -47,8 +57,8 @@ _NOT_RUNNING = {TaskState.CREATED, TaskState.STOPPED}  # what a desired "running
 class Change:
     """One change, as a person reads it: ``fields`` maps each field to ``[old, new]``."""
 
-    action: str  # create | update | start | stop | delete
-    kind: str    # task (deployment later)
+    action: str  # create | update | start | stop | delete (a deployment: create only)
+    kind: str    # task | deployment
     id: str
     fields: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -67,16 +77,19 @@ def managed_by(task: Task) -> str | None:
 
 
 class FleetState:
-    def __init__(self, db: Database, lifecycle: TaskLifecycle, store: BundleStore, events: EventLog) -> None:
+    def __init__(self, db: Database, lifecycle: TaskLifecycle, store: BundleStore, events: EventLog,
+                 deployments: Deployments) -> None:
         self.db, self.lifecycle, self.store, self.events = db, lifecycle, store, events
+        self.deployments = deployments
         self._lock = threading.Lock()
 
     # --- the plan ----------------------------------------------------------------------------
     def diff(self, spec: FleetSpec, source: FleetSource, prune: bool = False) -> list[Change]:
         """What ``apply`` would change now (nothing is changed)."""
-        return [step.change for step in self._plan(spec, source, prune)]
+        return [step.change for step in self._plan(spec, source, prune, {})]
 
-    def _plan(self, spec: FleetSpec, source: FleetSource, prune: bool) -> list[Step]:
+    def _plan(self, spec: FleetSpec, source: FleetSource, prune: bool,
+              signatures: dict[str, ModelSignature]) -> list[Step]:
         fleet = spec.fleet or source.file
         problems = [f"tasks.{task_id}.bundle: {task.bundle!r} is not a bundle digest: the CLI pushes a "
                     "task folder and sends its digest (fedmq apply FILE)"
@@ -95,7 +108,45 @@ class FleetState:
                 if managed_by(existing) == fleet and existing.id not in spec.tasks:
                     steps.append(Step(Change("delete", "task", existing.id, {"state": [existing.state, None]}),
                                       functools.partial(self.lifecycle.delete, existing.id)))
+        # Deployments after the tasks; --prune leaves them be (a roll-out is history, not a resource).
+        for deployment_id, deployment in spec.deployments.items():
+            steps.extend(self._deploy(deployment_id, deployment, fleet, signatures.get(deployment_id)))
         return steps
+
+    def _deploy(self, deployment_id: str, spec: DeploymentSpec, fleet: str,
+                signature: ModelSignature | None) -> list[Step]:
+        desired = {"model": spec.model, "to": spec.to.strip(), "stages": [float(s) for s in spec.stages],
+                   "max_failure_rate": float(spec.max_failure_rate), "health": spec.health.strip(),
+                   "stage_timeout_s": float(spec.stage_timeout_s)}
+        existing = Deployment.get_or_none(Deployment.id == deployment_id)
+        if existing is not None:
+            current = {"model": f"{existing.name}:{existing.version}", "to": existing.criteria,
+                       "stages": existing.stages, "max_failure_rate": existing.max_failure_rate,
+                       "health": existing.health, "stage_timeout_s": existing.stage_timeout_s}
+            differ = [f"{key} {current[key]!r} -> {desired[key]!r}" for key in DEPLOYMENT_FIELDS
+                      if current[key] != desired[key]]
+            if differ:
+                raise DeploymentConflict(f"deployment {deployment_id} exists ({existing.state}) with another plan "
+                                         f"({'; '.join(differ)}): a deployment is not changed in place -- give the "
+                                         "new roll-out a new id")
+            return []  # created once; whatever became of it since (completed, rolled back) is its history
+        model = ModelVersion.get_or_none((ModelVersion.name == spec.name) & (ModelVersion.version == spec.version))
+        if model is None:
+            raise FleetFileError([f"deployments.{deployment_id}.model: no model {spec.model} in the registry "
+                                  "(fedmq model list)"])
+        said = spec.model_fields_set | {"model"}
+        fields = {key: [None, desired[key]] for key in DEPLOYMENT_FIELDS if key in said}
+        fields["sha256"] = [None, model.sha256]  # what an operator signs (the CLI, with --key)
+
+        def create() -> None:
+            self.deployments.create(
+                name=spec.name, version=spec.version, to=desired["to"], stages=desired["stages"],
+                max_failure_rate=desired["max_failure_rate"], health=desired["health"],
+                stage_timeout_s=desired["stage_timeout_s"], signature=signature.signature if signature else None,
+                key_id=signature.key_id if signature else None, by=f"fedmq apply ({fleet})",
+                deployment_id=deployment_id)
+
+        return [Step(Change("create", "deployment", deployment_id, fields), create)]
 
     def _requirements(self, task: TaskSpec) -> dict[str, Any] | None:
         """What the task's requirements will be (the bundle's, the file's over them, as
@@ -191,10 +242,16 @@ class FleetState:
             task.save()
         return task
 
-    def _check(self, spec: FleetSpec, steps: list[Step]) -> None:
-        """Before any change: every bundle a step needs is in the store."""
-        needed = {c.id for s in steps for c in [s.change]
-                  if c.action == "create" or (c.action == "update" and "bundle" in c.fields)}
+    def _check(self, spec: FleetSpec, steps: list[Step], signatures: dict[str, ModelSignature]) -> None:
+        """Before any change: every bundle a step needs is in the store, and every deployment is
+        signed if this cloud deploys only signed models."""
+        if self.deployments.require_signed:
+            unsigned = [f"deployments.{s.change.id}: this cloud deploys signed models only: fedmq apply FILE --key KEY"
+                        for s in steps if s.change.kind == "deployment" and s.change.id not in signatures]
+            if unsigned:
+                raise FleetFileError(unsigned)
+        needed = {c.id for s in steps for c in [s.change] if c.kind == "task" and
+                  (c.action == "create" or (c.action == "update" and "bundle" in c.fields))}
         missing = [f"tasks.{task_id}.bundle: bundle {spec.tasks[task_id].bundle} is not in the cloud's store "
                    "(fedmq bundle push FOLDER, or name the folder in the file)"
                    for task_id in sorted(needed) if not self.store.has(spec.tasks[task_id].bundle)]
@@ -202,13 +259,15 @@ class FleetState:
             raise FleetFileError(missing)
 
     # --- apply -------------------------------------------------------------------------------
-    def apply(self, spec: FleetSpec, source: FleetSource, prune: bool = False) -> list[Change]:
-        """Make the tasks what the file says; the changes made, in order ([] when in sync)."""
+    def apply(self, spec: FleetSpec, source: FleetSource, prune: bool = False,
+              signatures: dict[str, ModelSignature] | None = None) -> list[Change]:
+        """Make the tasks (and deployments) what the file says; the changes made, in order ([]
+        when in sync).  ``signatures``: the operator's, of each deployment's model, by id."""
         fleet = spec.fleet or source.file
         wire_source = source.model_dump()
         with self._lock:
-            steps = self._plan(spec, source, prune)
-            self._check(spec, steps)
+            steps = self._plan(spec, source, prune, signatures or {})
+            self._check(spec, steps, signatures or {})
             done: list[Change] = []
             try:
                 with self.events.context(source=wire_source, fleet=fleet):

@@ -22,8 +22,9 @@ from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.events import EventKind
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.cloud.app import CloudApp, CloudConfig
-from fedmq.cloud.db import Event, Task
+from fedmq.cloud.db import Deployment, Event, ModelVersion, Task
 from fedmq.cloud.fleet_file import load_fleet
+from fedmq.ftdl.signing import SigningKey, generate_keypair
 
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}, "COLUMNS": "200"}
 TASK = Path(__file__).parent / "tasks" / "numpy_fl"
@@ -184,6 +185,8 @@ BAD_FILES = [
      "fleet.toml:11: tasks.lin-a.model_name: invalid model name 'linreg:2'"),
     ("unknown state", FLEET.replace("priority = 5", 'priority = 5\nstate = "paused"'),
      "fleet.toml:10: tasks.lin-a.state: unknown state 'paused'"),
+    ("bad stages", FLEET + '\n[deployments.d]\nmodel = "m:1"\nstages = [0.5]\n',
+     "fleet.toml:19: deployments.d.stages: stages must end at 1.0"),
     ("no such folder", FLEET.replace('bundle = "numpy_fl"\nrequirements', 'bundle = "nope"\nrequirements'),
      "fleet.toml:14: tasks.lin-b.bundle: no task folder"),
 ]
@@ -235,3 +238,42 @@ def test_the_example_fleet_file_is_valid_and_its_bundle_folder_exists() -> None:
     example = load_fleet(EXAMPLES / "fleet.toml")
     assert example.spec.tasks and all((EXAMPLES / t.bundle / "fedmq.toml").is_file()
                                       for t in example.spec.tasks.values())
+
+
+def test_a_deployment_in_the_file_is_started_once_signed_and_never_changed_in_place(fleet: Fleet) -> None:
+    fleet.write(FLEET)
+    assert fleet.cli("apply", "fleet.toml").returncode == 0
+    bundle = fleet.call("tasks", "get", {"task": "lin-a"})["bundle"]  # numpy_fl has a [deploy] entry point
+    path = fleet.app.models.path("linreg-model", 1)  # a registered version, as the registry leaves one
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights " * 100)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    ModelVersion.create(name="linreg-model", version=1, task="lin-a", run=1, sha256=sha, size=800,
+                        metrics={"loss": 0.1}, lineage={"revision": {"bundle": bundle}})
+    conn = MqttConnection(new_client_id("dev"), fleet.url).start()
+    try:
+        RpcClient(conn, "dev-1").start().call("devices", "update_info", {"info": {"data_quantity": 150}})
+    finally:
+        conn.stop()
+    key_path, _ = generate_keypair(fleet.folder.parent / "keys", "operator")
+    deployment = '\n[deployments.linreg-v1]\nmodel = "linreg-model:1"\nto = "data_quantity >= 100"\n' \
+                 'stages = [0.5, 1]\nhealth = "loss < 0.5"\n'
+    digest = fleet.write(FLEET + deployment)
+    applied = fleet.cli("apply", "fleet.toml", "--key", str(key_path), "--output", "json")
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout) == [{"action": "create", "kind": "deployment", "id": "linreg-v1", "fields": {
+        "model": [None, "linreg-model:1"], "to": [None, "data_quantity >= 100"], "stages": [None, [0.5, 1.0]],
+        "health": [None, "loss < 0.5"], "sha256": [None, sha]}}]
+    row = Deployment.get_by_id("linreg-v1")
+    assert (row.stages, row.health, row.created_by, row.key_id) == \
+        ([0.5, 1.0], "loss < 0.5", "fedmq apply (test-fleet)", SigningKey.load(key_path).key_id)
+    created = Event.get(Event.kind == EventKind.DEPLOYMENT_CREATED)
+    assert created.data["deployment"] == "linreg-v1" and created.data["source"]["digest"] == digest
+    assert fleet.cli("diff", "fleet.toml").returncode == 0  # created once: in sync whatever becomes of it
+    fleet.write(FLEET + deployment.replace("[0.5, 1]", "[1.0]"))
+    changed = fleet.cli("apply", "fleet.toml")
+    assert changed.returncode == 1 and "not changed in place" in changed.stderr, changed.stderr
+    fleet.write(FLEET + deployment.replace("linreg-v1", "linreg-v2").replace(":1", ":7"))
+    unknown = fleet.cli("diff", "fleet.toml")
+    assert unknown.returncode == 1 and "no model linreg-model:7 in the registry" in unknown.stderr
+    assert [d.id for d in Deployment.select()] == ["linreg-v1"]

@@ -3,9 +3,9 @@
 Both read and validate the file here first -- TOML syntax, the schema, criteria, every bundle
 folder packs -- so a bad file is refused with its line (``fleet.toml:12: tasks.a.args: ...``,
 exit 4) before anything reaches the cloud.  A bundle folder (relative to the file's folder) is
-packed here to learn its digest; ``diff`` stops there, ``apply`` asks the cloud for the plan
-(which validates the file again and changes nothing), pushes the bundles the plan needs
-(signed with ``--key``), then applies.
+packed here to learn its digest.  ``diff`` asks the cloud what differs; ``apply`` asks for that
+plan (the cloud validates the file again and changes nothing), pushes the bundles the plan needs
+(signed with ``--key``), signs the model of each deployment the plan creates, then applies.
 
 ``fedmq diff`` exits 0 when the fleet matches the file and 2 when it differs -- the convention of
 ``terraform plan -detailed-exitcode`` (1 stays "the service answered with an error", as for
@@ -46,6 +46,7 @@ class Prepared:
 
     fleet: Any  # fedmq.cloud.fleet_file.FleetFile
     desired: dict[str, Any]
+    key: Any = None  # the SigningKey of --key, if any
     bundles: dict[str, tuple[Any, Path]] = field(default_factory=dict)  # task id -> (manifest, archive)
     tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -73,7 +74,7 @@ def _prepare(path: Path, key_path: Path | None) -> Prepared:
         fail(ExitCode.BAD_INPUT, "\n".join(exc.problems), "bad fleet file")
     except OSError as exc:
         fail(ExitCode.BAD_INPUT, f"cannot read {shown}: {exc.strerror or exc}")
-    prepared = Prepared(fleet, fleet.spec.to_wire(), tmp=tempfile.TemporaryDirectory(prefix="fedmq-apply-"))
+    prepared = Prepared(fleet, fleet.spec.to_wire(), key, tmp=tempfile.TemporaryDirectory(prefix="fedmq-apply-"))
     built: dict[Path, tuple[Any, Path]] = {}
     problems = []
     for task_id, task in fleet.spec.tasks.items():
@@ -101,6 +102,22 @@ def _prepare(path: Path, key_path: Path | None) -> Prepared:
         prepared.close()
         fail(ExitCode.BAD_INPUT, "\n".join(problems), "bad fleet file")
     return prepared
+
+
+def _sign(plan: list[dict[str, Any]], key: Any) -> dict[str, dict[str, str]]:
+    """The operator's signature of each model a planned deployment rolls out (its name, version
+    and the file's sha256 the plan names), as ``fedmq deploy start --key`` signs it."""
+    from fedmq.ftdl.signing import model_signing_message
+
+    if key is None:
+        return {}
+    signatures = {}
+    for change in plan:
+        if change["kind"] == "deployment" and change["action"] == "create":
+            name, _, version = change["fields"]["model"][1].rpartition(":")
+            message = model_signing_message(name, int(version), change["fields"]["sha256"][1])
+            signatures[change["id"]] = {"signature": key.sign(message), "key_id": key.key_id}
+    return signatures
 
 
 def _advance(bar: Any, line: Any, done: int, total: int) -> None:
@@ -161,11 +178,12 @@ def diff(ctx: typer.Context, file: Path = FileArg, prune: bool = PruneOpt,
 
 def apply(ctx: typer.Context, file: Path = FileArg, prune: bool = PruneOpt,
           key: Path | None = typer.Option(None, "--key", envvar="FEDMQ_SIGNING_KEY", show_default=False,
-                                           help="Private key to sign the bundles pushed from folders with "
-                                                "(fedmq keys new)."),
+                                           help="Private key to sign the bundles pushed from folders and the "
+                                                "models of new deployments with (fedmq keys new)."),
           output: OutputOpt = Output.TABLE) -> None:
-    """Make the fleet's tasks what the file says: push its bundle folders, create, update, start,
-    stop (and with --prune delete) tasks.  Applying twice changes nothing the second time."""
+    """Make the fleet's tasks and deployments what the file says: push its bundle folders, create,
+    update, start, stop (and with --prune delete) tasks, start deployments.  Applying twice
+    changes nothing the second time."""
     from fedmq.broker.envelope import RpcError
     from fedmq.cloud.bundle_client import upload
 
@@ -193,8 +211,9 @@ def apply(ctx: typer.Context, file: Path = FileArg, prune: bool = PruneOpt,
                 signed = f"signed by {manifest.signer}" if manifest.signer else "UNSIGNED"
                 err_console.print(f"pushed {manifest.digest[:12]} ({manifest.size} bytes, {signed}) for {task_id}",
                                   highlight=False)
+            signatures = _sign(plan, prepared.key)
             # Called when in sync too: the cloud records that this file (digest) was applied.
-            changes = session.call("fleet", "apply", args, timeout=180.0)
+            changes = session.call("fleet", "apply", {**args, "signatures": signatures}, timeout=180.0)
     finally:
         prepared.close()
     _show(changes, output, f"{file}: {len(changes)} change(s) applied")
