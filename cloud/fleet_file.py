@@ -206,7 +206,8 @@ def _allowed(loc: tuple[Any, ...]) -> list[str]:
     parents = tuple(loc[:-1])
     tables: dict[tuple[Any, ...], type[BaseModel]] = {(): FleetSpec}
     if len(parents) >= 2:
-        tables[parents[:2]] = {"tasks": TaskSpec, "deployments": DeploymentSpec}.get(parents[0], BaseModel)
+        kinds: dict[Any, type[BaseModel]] = {"tasks": TaskSpec, "deployments": DeploymentSpec}
+        tables[parents[:2]] = kinds.get(parents[0], BaseModel)
         tables[(*parents[:2], "requirements")] = Requirements
     return list(tables.get(parents, BaseModel).model_fields)
 

@@ -115,9 +115,10 @@ class FleetState:
 
     def _deploy(self, deployment_id: str, spec: DeploymentSpec, fleet: str,
                 signature: ModelSignature | None) -> list[Step]:
-        desired = {"model": spec.model, "to": spec.to.strip(), "stages": [float(s) for s in spec.stages],
-                   "max_failure_rate": float(spec.max_failure_rate), "health": spec.health.strip(),
-                   "stage_timeout_s": float(spec.stage_timeout_s)}
+        desired: dict[str, Any] = {
+            "model": spec.model, "to": spec.to.strip(), "stages": [float(s) for s in spec.stages],
+            "max_failure_rate": float(spec.max_failure_rate), "health": spec.health.strip(),
+            "stage_timeout_s": float(spec.stage_timeout_s)}
         existing = Deployment.get_or_none(Deployment.id == deployment_id)
         if existing is not None:
             current = {"model": f"{existing.name}:{existing.version}", "to": existing.criteria,
