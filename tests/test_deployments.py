@@ -8,7 +8,10 @@ prose of this file."""
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -111,6 +114,8 @@ class Fleet:
     operator: RpcClient
     devices: list[FakeDevice] = field(default_factory=list)
     connections: list[MqttConnection] = field(default_factory=list)
+    operator_url: str = ""
+    key_path: Path | None = None
 
     def url_of(self, name: str, password: str | None) -> str:
         return f"mqtt://{name}:{password}@127.0.0.1:{self.broker.port}"
@@ -167,6 +172,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     conn = MqttConnection(creds.clientid or "fedmq-alice", setup.url_of("alice", creds.password)).start(timeout=5)
     setup.connections.append(conn)
     setup.operator = RpcClient(conn, "alice").start()
+    setup.operator_url, setup.key_path = setup.url_of("alice", creds.password), key_path
     try:
         yield setup
     finally:
@@ -415,3 +421,38 @@ def test_bad_input_is_refused_and_changes_nothing(fleet: Fleet) -> None:
         fleet.op("get", deployment="nope")
     assert err.value.code is ErrorCode.NOT_FOUND
     fleet.op("rollback", deployment=deployment)
+
+
+def fedmq(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedmq.cli", "--broker", fleet.operator_url, "deploy", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_deploy_command(fleet: Fleet) -> None:
+    first, second = fleet.new_devices("cli", 2)
+    fleet.register("cli-model", 1)
+    # The issue's form (no verb: start), signed with the operator's key.
+    started = fedmq(fleet, "cli-model:1", "--to", "group == 'cli'", "--stages", "50%,100%", "--health", HEALTH,
+                    "--max-failure-rate", "0", "--key", str(fleet.key_path), "--id", "cli-1", "--output", "json")
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["signed"] and "deployment cli-1: cli-model:1 to 2 device(s)" in started.stderr
+    first.record(runs("cli-model", 1))
+    first.report("cli-1", "cli-model", 1, accuracy=0.9)
+    second.record(runs("cli-model", 1))
+    shown = fedmq(fleet, "status", "cli-1")
+    assert shown.returncode == 0, shown.stderr
+    for words in ("deployment cli-1: cli-model:1", "stage passed", "loaded, accuracy 0.9 >= 0.85", "signed"):
+        assert words in shown.stdout, (words, shown.stdout)
+    assert fedmq(fleet, "pause", "cli-1").returncode == 0
+    assert "cli-1" in fedmq(fleet, "list", "--state", "paused").stdout
+    assert fedmq(fleet, "resume", "cli-1").returncode == 0
+    rolled = fedmq(fleet, "rollback", "cli-1", "--reason", "testing the command")
+    assert rolled.returncode == 0 and "rolled back by alice in stage 2: testing the command" in rolled.stderr
+    watched = fedmq(fleet, "status", "--watch")  # no id: the latest; it ended badly, so exit 1
+    assert watched.returncode == 1 and "rolled back" in watched.stdout
+    again = fedmq(fleet, "rollback", "cli-1")
+    assert again.returncode == 1 and "conflict" in again.stderr
+    bad = fedmq(fleet, "start", "cli-model", "--to", "")
+    assert bad.returncode == 2 and "NAME:VERSION" in bad.stderr
+    unknown = fedmq(fleet, "nope:3")
+    assert unknown.returncode == 1 and "no model named 'nope'" in unknown.stderr

@@ -23,6 +23,7 @@ from fedmq.cli import (
     cloud,
     dashboards,
     demo,
+    deploy,
     device,
     edge,
     keys,
@@ -76,5 +77,5 @@ def main(ctx: typer.Context,
 for module in (broker, cloud, edge, demo, dashboards, call, apply):
     module.register(app)
 for module, name in ((task, "task"), (device, "device"), (operator, "operator"), (bundle, "bundle"), (keys, "keys"),
-                     (model, "model"), (runs, "run")):
+                     (model, "model"), (runs, "run"), (deploy, "deploy")):
     app.add_typer(module.app, name=name)
