@@ -26,7 +26,7 @@ def cloud(ctx: typer.Context,
                                               "(default: all of bundles, devices, tasks, events, identities)."),
           trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
                                                  "this public key (file or folder); repeatable."),
-          require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads."),
+          require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads and unsigned deployments."),
           allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Development only: run server code "
                                               "and triggers from bundles no trusted key signed."),
           dynsec: bool = typer.Option(False, "--dynsec", help="Manage identities (fedmq device add, fedmq operator "
