@@ -155,8 +155,9 @@ class RecordError(ValueError):
     """A wire record that is not one (receivers log it and keep what they had)."""
 
 
-class _WireRecord(BaseModel):
-    """A msgpack record on a retained topic: strict when built, tolerant of fields it does not know."""
+class WireRecord(BaseModel):
+    """A msgpack record on a retained topic: strict when built, tolerant of fields it does not know
+    (the deployments' records here, the serverless participants' in ``ftdl.serverless.records``)."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
@@ -175,7 +176,7 @@ class _WireRecord(BaseModel):
             raise RecordError(f"invalid {cls.__name__}: " + "; ".join(problems(exc))) from None
 
 
-class DesiredModel(_WireRecord):
+class DesiredModel(WireRecord):
     """One model a device should run: which version, the file's identity, the code that serves it."""
 
     version: Annotated[int, Field(ge=1)]
@@ -187,7 +188,7 @@ class DesiredModel(_WireRecord):
     key_id: str | None = None
 
 
-class DesiredModels(_WireRecord):
+class DesiredModels(WireRecord):
     """Retained QoS 1 on ``devices/<device>/models``: every model the device should run.  A name
     absent from ``models`` means none of that name; ``seq`` grows with every publication, so a
     device can tell a newer record from a replayed one."""
@@ -196,7 +197,7 @@ class DesiredModels(_WireRecord):
     models: Annotated[dict[ModelName, DesiredModel], Field(max_length=256)] = Field(default_factory=dict)
 
 
-class ModelManifest(_WireRecord):
+class ModelManifest(WireRecord):
     """Retained on ``models/<sha256>/manifest``: how the model file is cut into retained chunks
     ``models/<sha256>/<index>`` (each chunk's SHA-256; the whole is ``sha256``)."""
 

@@ -17,19 +17,17 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from fedmq.broker import codec
 from fedmq.broker.presence import Presence
-from fedmq.broker.schema import problems
+
+# One record layer for every wire record (the deployments' are there too); RecordError is re-exported.
+from fedmq.broker.schema import RecordError  # noqa: F401
+from fedmq.broker.schema import WireRecord as Record
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Metrics = dict[str, Any]
-
-
-class RecordError(ValueError):
-    """A record that is not one (logged and ignored by receivers)."""
 
 
 class ParticipantState(Presence):
@@ -38,25 +36,6 @@ class ParticipantState(Presence):
     run: str = ""
     eligible: bool = True
     reason: str = ""
-
-
-class Record(BaseModel):
-    """A msgpack-encoded, strictly validated wire record (receivers ignore unknown fields)."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
-
-    def encode(self) -> bytes:
-        return codec.encode(self.model_dump(mode="json"))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Any:
-        try:
-            body, _ = codec.decode(payload)
-            return cls.model_validate(body)
-        except codec.CodecError as exc:
-            raise RecordError(f"undecodable {cls.__name__}: {exc}") from None
-        except ValidationError as exc:
-            raise RecordError(f"invalid {cls.__name__}: " + "; ".join(problems(exc))) from None
 
 
 class Evaluation(Record):
