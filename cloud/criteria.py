@@ -222,13 +222,21 @@ _SYMBOL = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">
            ast.In: "in", ast.NotIn: "not in"}
 
 
-def _shown(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+def _shown(value: Any, exact: bool = False) -> str:
+    if isinstance(value, float):
+        return repr(value) if exact else f"{value:.6g}"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
-def _operand(node: ast.AST, value: Any) -> str:
+def _operand(node: ast.AST, value: Any, exact: bool = False) -> str:
     """A literal as itself, anything else as its text and the value it had: ``accuracy 0.41``."""
-    return _shown(value) if isinstance(node, ast.Constant) else f"{ast.unparse(node)} {_shown(value)}"
+    return _shown(value, exact) if isinstance(node, ast.Constant) else f"{ast.unparse(node)} {_shown(value, exact)}"
+
+
+def _comparison(left_node: ast.AST, left: Any, symbol: str, right_node: ast.AST, right: Any) -> str:
+    """``accuracy 0.41 < 0.85``; in full when rounding would show two different numbers alike."""
+    exact = left != right and _shown(left) == _shown(right)
+    return f"{_operand(left_node, left, exact)} {symbol} {_operand(right_node, right, exact)}"
 
 
 def _explain(node: ast.AST, info: Facts) -> tuple[bool, str]:
@@ -253,8 +261,8 @@ def _explain(node: ast.AST, info: Facts) -> tuple[bool, str]:
                 missing = left_node if left is None else comparator
                 return False, f"{ast.unparse(missing)} not reported"
             if not _COMPARE[type(op)](left, right):
-                return False, f"{_operand(left_node, left)} {_NEGATED[type(op)]} {_operand(comparator, right)}"
-            said.append(f"{_operand(left_node, left)} {_SYMBOL[type(op)]} {_operand(comparator, right)}")
+                return False, _comparison(left_node, left, _NEGATED[type(op)], comparator, right)
+            said.append(_comparison(left_node, left, _SYMBOL[type(op)], comparator, right))
             left_node, left = comparator, right
         return True, " and ".join(said)
     value = _evaluate(node, info)

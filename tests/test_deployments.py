@@ -456,3 +456,22 @@ def test_the_deploy_command(fleet: Fleet) -> None:
     assert bad.returncode == 2 and "NAME:VERSION" in bad.stderr
     unknown = fedmq(fleet, "nope:3")
     assert unknown.returncode == 1 and "no model named 'nope'" in unknown.stderr
+
+
+@pytest.mark.parametrize(("expression", "metrics", "verdict"), [
+    ("accuracy >= 0.85", {"accuracy": 0.41}, (False, "accuracy 0.41 < 0.85")),
+    ("accuracy >= 0.85", {"accuracy": 0.93}, (True, "accuracy 0.93 >= 0.85")),
+    ("accuracy >= 0.85", {}, (False, "accuracy not reported")),
+    ("accuracy >= 0.85 and loss < 1", {"accuracy": 0.9, "loss": 2}, (False, "loss 2 >= 1")),
+    ("accuracy > 0.9 or loss < 0.1", {"accuracy": 0.5, "loss": 0.5},
+     (False, "accuracy 0.5 <= 0.9 and loss 0.5 >= 0.1")),
+    ("r2 >= 0.9", {"r2": 0.99999912}, (True, "r2 0.999999 >= 0.9")),
+    ("accuracy >= 0.85", {"accuracy": 0.8499999999}, (False, "accuracy 0.8499999999 < 0.85")),  # not "0.85 < 0.85"
+    ("", {}, (True, "no condition")),
+])
+def test_a_health_verdict_says_which_values_decided(expression: str, metrics: dict[str, Any],
+                                                   verdict: tuple[bool, str]) -> None:
+    from fedmq.cloud.criteria import parse_criteria
+
+    assert parse_criteria(expression).explain(metrics) == verdict
+    assert parse_criteria(expression).matches(metrics) is verdict[0]
