@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import shutil
 import subprocess
 import sys
 import time
@@ -30,12 +31,14 @@ from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DesiredModels, ModelManifest
 from fedmq.broker.topics import Topics
 from fedmq.cloud.app import CloudApp, CloudConfig
+from fedmq.cloud.bundle_client import push_folder
 from fedmq.cloud.db import DeviceModel, Event, ModelVersion
 from fedmq.cloud.deployments import COMPONENT
 from fedmq.ftdl.chunks import ChunkFetch, wait_retained
 from fedmq.ftdl.signing import SigningKey, TrustStore, generate_keypair
 
 TOPICS = Topics()
+TASK = Path(__file__).parent / "tasks" / "numpy_fl"
 ADMIN = ("cloud", "admin-" + uuid.uuid4().hex[:8])
 HEALTH = "accuracy >= 0.85"
 
@@ -368,7 +371,7 @@ def test_a_restarted_cloud_resumes_from_the_database(fleet: Fleet) -> None:
     assert kinds(rolled)[-3:] == ["device_reported", "device_reported", "rolled_back"]
 
 
-def test_bad_input_is_refused_and_changes_nothing(fleet: Fleet) -> None:
+def test_bad_input_is_refused_and_changes_nothing(fleet: Fleet, tmp_path: Path) -> None:
     (device,) = fleet.new_devices("bad", 1)
     (other,) = fleet.new_devices("other", 1)
     fleet.register("bad-model", 1)
@@ -391,6 +394,13 @@ def test_bad_input_is_refused_and_changes_nothing(fleet: Fleet) -> None:
     refused(ErrorCode.INVALID_ARGS, "select none", name="bad-model", version=1, to="group == 'nobody'")
     refused(ErrorCode.FORBIDDEN, "does not match model bad-model:1", name="bad-model", version=1, to="",
             signature=fleet.key.sign(b"something else"), key_id=fleet.key.key_id)
+    # A model whose training bundle (on this cloud) has no [deploy] entry point: no device could serve it.
+    folder = tmp_path / "no-deploy"
+    shutil.copytree(TASK, folder)
+    (folder / "fedmq.toml").write_text((TASK / "fedmq.toml").read_text().replace('[deploy]\nentry = "deploy.py"\n', ""))
+    (folder / "deploy.py").unlink()
+    fleet.register("bad-model", 2, bundle=push_folder(fleet.operator, folder, key=fleet.key).manifest.digest)
+    refused(ErrorCode.INVALID_ARGS, "has no [deploy] entry point", name="bad-model", version=2)
     assert fleet.operator.all_items("deployments", "list") == before
     assert Event.select().where(Event.component == COMPONENT).count() == events
     assert not DeviceModel.select().where(DeviceModel.name == "bad-model").exists()
