@@ -23,7 +23,8 @@ def cloud(ctx: typer.Context,
           db: str | None = typer.Option(None, "--db", envvar="FEDMQ_DB", show_default=False,
                                            help="Database URL (default: SQLite in --home; or postgresql://user@host/db)."),
           services: str | None = typer.Option(None, show_default=False, help="Comma-separated services to run "
-                                              "(default: all of bundles, devices, tasks, events, identities)."),
+                                              "(default: all of bundles, devices, tasks, events, identities, "
+                                              "models, fleet, deployments)."),
           trusted_key: list[Path] = typer.Option([], "--trusted-key", help="Accept uploads signed by "
                                                  "this public key (file or folder); repeatable."),
           require_signed: bool = typer.Option(False, help="Refuse unsigned bundle uploads and unsigned deployments."),

@@ -130,7 +130,8 @@ class Session:
             if exc.code is ErrorCode.TIMEOUT:
                 fail(ExitCode.UNREACHABLE, f"no answer from a service named {service!r} within {SERVICE_WAIT_S:g} s "
                      f"on {self.connection.settings.url} (prefix {self.g.topics.prefix}): is fedmq cloud running "
-                     "there, with that service (bundles, devices, tasks, events, identities)?", "timeout")
+                     "there, with that service (bundles, devices, tasks, events, identities, models, fleet, "
+                     "deployments)?", "timeout")
             fail(ExitCode.REMOTE_ERROR, exc.message, exc.code.value)
 
     def call(self, service: str, method: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
