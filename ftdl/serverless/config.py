@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmq.broker.schema import problems
-from fedmq.ftdl.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fedmq.ftdl.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.ftdl.manifest import FLOWER_MODE as FLOWER
 from fedmq.ftdl.manifest import SERVERLESS_MODE as SERVERLESS
 
@@ -49,7 +49,9 @@ class ServerlessConfig(BaseModel):
     target: Target | None = None
     round_deadline_s: Annotated[float, Field(gt=0)] = 120.0
     fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
-    chunk_size: Annotated[int, Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] = DEFAULT_CHUNK_SIZE
+    # The largest chunk: a round moves several models through the broker, and per-message costs
+    # dominate small chunks (10 MiB model, 3 devices: 0.72 s a round at 192 KiB, 1.10 s at 64 KiB).
+    chunk_size: Annotated[int, Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] = MAX_CHUNK_SIZE
     aggregate: str = "fedavg"
     join_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     quiet_s: Annotated[float, Field(ge=0)] = 1.0       # membership settles this long before round 0
