@@ -29,7 +29,7 @@ from fedmq.broker.events import EventKind
 from fedmq.broker.schema import TaskState
 from fedmq.broker.topics import ID_PATTERN
 from fedmq.cloud.criteria import CriteriaError, parse_criteria
-from fedmq.cloud.db import ModelVersion, Task, write_transaction
+from fedmq.cloud.db import DeviceModel, ModelVersion, Task, write_transaction
 from fedmq.cloud.errors import InvalidModel, InvalidTask, ModelConflict, ModelNotFound, RunNotFound
 from fedmq.cloud.events import EventLog
 from fedmq.cloud.run_history import RunHistory
@@ -89,16 +89,33 @@ class ModelView(BaseModel):
     note: str
     created: float
     created_by: str
+    deployed: dict[str, int] | None = None  # devices told to run it (desired), devices that say they do (running)
     lineage: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def model_view(row: ModelVersion, lineage: bool = False) -> ModelView:
+def model_view(row: ModelVersion, lineage: bool = False,
+               deployed: dict[tuple[str, int], dict[str, int]] | None = None) -> ModelView:
+    where = deployed if deployed is not None else deployed_counts(row.name)
     return ModelView(name=row.name, version=row.version, task=row.task, run=row.run, sha256=row.sha256,
                      size=row.size, metrics=row.metrics or {}, note=row.note, created=row.created,
-                     created_by=row.created_by, lineage=(row.lineage or {}) if lineage else None)
+                     created_by=row.created_by, lineage=(row.lineage or {}) if lineage else None,
+                     deployed=where.get((row.name, row.version), {"desired": 0, "running": 0}))
+
+
+def deployed_counts(name: str | None = None) -> dict[tuple[str, int], dict[str, int]]:
+    """Per NAME:VERSION, how many devices should run it and how many say they do: two grouped
+    queries over the desired state, whatever the number of versions shown."""
+    counts: dict[tuple[str, int], dict[str, int]] = {}
+    for key, column in (("desired", DeviceModel.version), ("running", DeviceModel.installed)):
+        query = DeviceModel.select(DeviceModel.name, column.alias("v"), fn.COUNT(DeviceModel.device).alias("n"))
+        if name is not None:
+            query = query.where(DeviceModel.name == name)
+        for row in query.where(column.is_null(False)).group_by(DeviceModel.name, column).dicts():
+            counts.setdefault((row["name"], int(row["v"])), {"desired": 0, "running": 0})[key] = int(row["n"])
+    return counts
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

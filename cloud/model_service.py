@@ -9,7 +9,7 @@ from pydantic import Field
 
 from fedmq.broker.roles import OPERATOR, READERS
 from fedmq.broker.rpc_server import CallContext, rpc
-from fedmq.cloud.model_registry import ModelRegistry, model_view
+from fedmq.cloud.model_registry import ModelRegistry, deployed_counts, model_view
 from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page_query
 
 ModelName = Annotated[str, Field(min_length=1, max_length=128)]
@@ -36,7 +36,9 @@ class ModelService:
     @rpc(name="list", roles=READERS)
     def list_(self, name: ModelName | None = None, limit: Limit = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
         """Registered versions by name then version (optionally of one name): a page of them."""
-        return page_query(self.registry.query(name), limit, cursor, lambda row: model_view(row).to_wire())
+        deployed = deployed_counts(name)
+        return page_query(self.registry.query(name), limit, cursor,
+                          lambda row: model_view(row, deployed=deployed).to_wire())
 
     @rpc(roles=READERS)
     def show(self, name: ModelName, version: Version | None = None) -> dict[str, Any]:
