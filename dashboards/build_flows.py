@@ -56,7 +56,7 @@ def mqtt_in(id_: str, topic: str, wires_to: list[str]) -> None:
          rap=True, rh=0, inputs=0, wires=[wires_to])
 
 
-INBOXES = ("devices", "tasks", "control", "metrics")
+INBOXES = ("devices", "tasks", "control", "metrics", "models", "deployments")
 
 
 def replies(id_: str, handlers: dict[str, str]) -> None:
@@ -89,7 +89,8 @@ node(id=THEME, type="ui-theme", z="", name="fedmq", colors={"surface": "#24526e"
      sizes={"density": "compact", "pagePadding": "12px", "groupGap": "12px", "groupBorderRadius": "6px",
             "widgetGap": "12px"}, x=None, y=None)
 for order, (page, path, icon) in enumerate([("Fleet", "/fleet", "devices"), ("Tasks", "/tasks", "format-list-checks"),
-                                            ("Run", "/run", "chart-line")], start=1):
+                                            ("Run", "/run", "chart-line"), ("Models", "/models", "package-variant")],
+                                           start=1):
     node(id=f"page-{page.lower()}", type="ui-page", z="", name=page, ui=BASE, path=path, icon=icon, layout="grid",
          theme=THEME, breakpoints=[{"name": "Default", "px": 0, "cols": 3}, {"name": "Tablet", "px": 576, "cols": 6},
                                    {"name": "Small Desktop", "px": 768, "cols": 9},
@@ -109,6 +110,8 @@ group("g-run-pick", "run", "Task", 12, 1)
 group("g-run-loss", "run", "Loss per round", 6, 2)
 group("g-run-acc", "run", "Accuracy per round", 6, 3)
 group("g-run-log", "run", "Event log", 12, 4)
+group("g-models", "models", "Registered models", 12, 1)
+group("g-deployments", "models", "Deployments (stage, health, the last decision)", 12, 2)
 
 # --- Fleet page ---------------------------------------------------------------------------------------
 every("fleet-tick", 2, "fleet-req")
@@ -232,8 +235,46 @@ node(id="events-table", type="ui-table", group="g-run-log", name="events", label
      maxrows=0, passthru=False, autocols=True, showSearch=False, deselect=True, selectionType="none", columns=[],
      mobileBreakpoint="sm", mobileBreakpointType="defaults", action="replace", className="fedmq-events", wires=[[]])
 
+# --- Models page ----------------------------------------------------------------------------------------
+every("models-tick", 3, "models-req")
+rpc_request("models-req", "models", "list", "models", "{limit: 1000}", "rpc-out")
+node(id="models-rows", type="function", name="model rows", outputs=1, wires=[["models-table"]], func="""
+if (!msg.payload || !msg.payload.ok) return null;
+const num = (v) => (typeof v === 'number') ? v.toFixed(3) : '-';
+msg.payload = msg.payload.result.items.map(m => {
+  const metrics = m.metrics || {};
+  const on = m.deployed || {};
+  return {model: `${m.name}:${m.version}`, 'from run': `${m.task}:${m.run}`,
+          accuracy: num(metrics.central_accuracy ?? metrics.accuracy), loss: num(metrics.central_loss ?? metrics.loss),
+          'runs on': on.running ?? 0, 'should run on': on.desired ?? 0, note: m.note || '',
+          registered: new Date(m.created * 1000).toLocaleString(), sha256: String(m.sha256 || '').slice(0, 12)};
+});
+return msg;""")
+node(id="models-table", type="ui-table", group="g-models", name="models", label="", order=1, width=0, height=0,
+     maxrows=0, passthru=False, autocols=True, showSearch=False, deselect=True, selectionType="none", columns=[],
+     mobileBreakpoint="sm", mobileBreakpointType="defaults", action="replace", className="fedmq-models", wires=[[]])
+every("deployments-tick", 3, "deployments-req")
+rpc_request("deployments-req", "deployments", "list", "deployments", "{limit: 1000}", "rpc-out")
+node(id="deployments-rows", type="function", name="deployment rows", outputs=1, wires=[["deployments-table"]],
+     func="""
+if (!msg.payload || !msg.payload.ok) return null;
+msg.payload = msg.payload.result.items.map(d => {
+  const stages = d.stages || [];
+  const counts = d.devices || {};
+  const share = stages[d.stage - 1];
+  const percent = (typeof share === 'number') ? ` (${Math.round(100 * share)}%)` : '';
+  return {deployment: d.id, model: d.model, state: d.state, stage: `stage ${d.stage} of ${d.stage_count}${percent}`,
+          healthy: counts.healthy ?? 0, unhealthy: counts.unhealthy ?? 0, waiting: counts.sent ?? 0,
+          'rolled back': counts.rolled_back ?? 0, health: d.health || '-', 'last decision': d.reason || '-'};
+});
+return msg;""")
+node(id="deployments-table", type="ui-table", group="g-deployments", name="deployments", label="", order=1, width=0,
+     height=0, maxrows=0, passthru=False, autocols=True, showSearch=False, deselect=True, selectionType="none",
+     columns=[], mobileBreakpoint="sm", mobileBreakpointType="defaults", action="replace",
+     className="fedmq-deployments", wires=[[]])
+
 replies("replies-in", {"devices": "fleet-rows", "tasks": "tasks-rows", "control": "control-text",
-                       "metrics": "metrics-split"})
+                       "metrics": "metrics-split", "models": "models-rows", "deployments": "deployments-rows"})
 
 # The button's action rides along so one request builder serves Start and Stop.
 for n in nodes:

@@ -8,12 +8,9 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +19,13 @@ import pytest
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
 from fedmq.broker.mosquitto import MosquittoProcess
-from fedmq.broker.net import free_port
 from fedmq.broker.roles import Role
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.cloud.app import CloudApp, CloudConfig
 from fedmq.cloud.bundle_client import push_folder
 from fedmq.demo import DemoCluster
-from fedmq.node_red import node_red_command
 
-from tests_support import Browser
+from tests_support import Browser, node_red
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("chromium") is None or shutil.which("npm") is None,
@@ -39,32 +34,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboards"
 
 ROW = ("Array.from(document.querySelectorAll('.fedmq-tasks tr')).map(r => Array.from(r.cells).map(c => c.innerText))"
        ".find(cells => cells[0] === '{task}')")
-
-
-@contextmanager
-def node_red(url: str, caller: str, workdir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Node-RED with the fedmq flows, as ``caller``; yields it and the dashboard's base URL once it serves."""
-    port = free_port()
-    command, env = node_red_command(url, port, workdir, caller)
-    log_path = workdir.with_suffix(".log")
-    with log_path.open("w") as log:
-        red = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/fleet", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline and red.poll() is None, log_path.read_text()
-            time.sleep(0.3)
-        yield red, f"http://127.0.0.1:{port}/dashboard"
-    finally:
-        if red.poll() is None:
-            red.terminate()
-            red.wait(15)
 
 
 @pytest.fixture

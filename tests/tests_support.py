@@ -11,12 +11,15 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import connect
 
 from fedmq.broker.net import free_port, wait_for_port
+from fedmq.node_red import node_red_command
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run"]
@@ -102,3 +105,29 @@ class Browser:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@contextmanager
+def node_red(url: str, caller: str, workdir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Node-RED with the fedmq flows, as ``caller``; yields it and the dashboard's base URL once it serves."""
+    port = free_port()
+    command, env = node_red_command(url, port, workdir, caller)
+    log_path = workdir.with_suffix(".log")
+    with log_path.open("w") as log:
+        red = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard/fleet", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline and red.poll() is None, log_path.read_text()
+            time.sleep(0.3)
+        yield red, f"http://127.0.0.1:{port}/dashboard"
+    finally:
+        if red.poll() is None:
+            red.terminate()
+            red.wait(15)
