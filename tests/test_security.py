@@ -127,20 +127,32 @@ HARMLESS: dict[str, dict[str, Any]] = {
     "events.list": {"task": "nope"}, "events.timeline": {"task": "nope"},
     "identities.add": {"name": "bad name!", "role": "viewer"}, "identities.rotate": {"name": "nope"},
     "identities.revoke": {"name": "nope"}, "identities.list": {},
+    "tasks.run": {"task": "nope"},
+    "models.register": {"task": "nope"}, "models.list": {}, "models.show": {"name": "nope"},
+    "models.diff": {"name": "nope", "a": 1, "b": 2}, "models.artifact": {"name": "nope"},
+    "deployments.create": {"name": "nope", "version": 1}, "deployments.list": {},
+    "deployments.get": {"deployment": "nope"}, "deployments.pause": {"deployment": "nope"},
+    "deployments.resume": {"deployment": "nope"}, "deployments.rollback": {"deployment": "nope"},
+    "deployments.report": {"deployment": "nope", "name": "nope", "version": 1, "ok": True},
+    "fleet.diff": {"desired": {"tasks": {"nope": {"bundle": NOPE}}}, "source": {"file": "f.toml", "digest": NOPE}},
+    "fleet.apply": {"desired": {"tasks": {"nope": {"bundle": NOPE}}}, "source": {"file": "f.toml", "digest": NOPE}},
 }
+SERVICES = ("tasks", "devices", "bundles", "events", "identities", "models", "deployments", "fleet")
+_READ = {"tasks.get", "tasks.list", "tasks.runs", "tasks.run", "tasks.metrics", "tasks.logs", "tasks.model",
+         "devices.get_info", "devices.list", "bundles.list", "bundles.get", "events.list", "events.timeline",
+         "models.list", "models.show", "models.diff", "models.artifact", "deployments.list", "deployments.get",
+         "fleet.diff"}
 # What the roles may do, written out: the services' declarations must say the same.
 EXPECTED = {
-    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "tasks.participate", "devices.update_info"},
-    Role.VIEWER: {"tasks.get", "tasks.list", "tasks.runs", "tasks.metrics", "tasks.logs", "tasks.model",
-                  "devices.get_info", "devices.list", "bundles.list", "bundles.get", "events.list", "events.timeline"},
-    Role.DEVICE: {"tasks.request", "tasks.participate", "devices.update_info", "devices.get_info"},
-    Role.SERVICE: {"tasks.get", "tasks.list", "tasks.runs", "tasks.metrics", "tasks.logs", "tasks.model",
-                   "devices.get_info", "devices.list", "bundles.list", "bundles.get", "bundles.publish",
-                   "events.list", "events.timeline", "identities.add", "identities.rotate", "identities.revoke",
-                   "identities.list"},
-    Role.TASK: {"tasks.get", "tasks.list", "tasks.update", "tasks.start", "tasks.stop", "tasks.runs",
-                "tasks.metrics", "tasks.logs", "tasks.model", "devices.get_info", "devices.list", "bundles.list",
-                "bundles.get", "events.list", "events.timeline"},
+    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "tasks.participate", "devices.update_info",
+                                    "deployments.report"},
+    Role.VIEWER: _READ,
+    Role.DEVICE: {"tasks.request", "tasks.participate", "devices.update_info", "devices.get_info",
+                  "deployments.report"},
+    Role.SERVICE: _READ | {"bundles.publish", "identities.add", "identities.rotate", "identities.revoke",
+                           "identities.list"},
+    Role.TASK: _READ | {"tasks.update", "tasks.start", "tasks.stop", "deployments.pause", "deployments.resume",
+                        "deployments.rollback"},
 }
 
 
@@ -160,7 +172,7 @@ def test_permission_matrix(secured: Secured) -> None:
     forbidden call changes nothing."""
     operator = secured.clients[Role.OPERATOR]
     declared: dict[str, set[Role]] = {}
-    for service in ("tasks", "devices", "bundles", "events", "identities"):
+    for service in SERVICES:
         for method, spec in operator.call(service, "describe")["methods"].items():
             if method not in ("ping", "describe"):
                 declared[f"{service}.{method}"] = {Role(r) for r in spec["roles"]}
