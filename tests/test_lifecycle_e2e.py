@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 GOOD = {"rounds": 3, "epochs": 2, "lr": 0.01, "min_clients": 4}
 BROKEN = {"rounds": 1, "epochs": 1, "lr": 0.0001, "min_clients": 4}  # an untrained MLP: ~0.1-0.3 accuracy
-HEALTH = "accuracy >= 0.85"
+HEALTH = "accuracy >= 0.8"  # each device judges on its 54 held-out examples: 0.89-0.96 seen
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
@@ -141,11 +141,11 @@ def test_two_runs_compared_the_better_deployed_in_stages_a_broken_one_rolled_bac
     assert kinds[0] == "deployment_created" and "deployment_stage_started" in kinds
     assert kinds.index("deployment_device_reported") < kinds.index("deployment_rolled_back")
     report = next(s for s in steps if s["kind"] == "deployment_device_reported")
-    assert "accuracy" in report["reason"] and "< 0.85" in report["reason"], report
+    assert "accuracy" in report["reason"] and "< 0.8" in report["reason"], report
     rolled = next(s for s in steps if s["kind"] == "deployment_rolled_back")
     assert "stage 1" in rolled["reason"] and "0.05" in rolled["reason"], rolled
     status = fedmq(cluster, "deploy", "status", second["id"], cwd=work)
-    assert "rolled_back" in status and "< 0.85" in status
+    assert "rolled_back" in status and "< 0.8" in status
     (ARTIFACTS / "lifecycle" / "broken-deployment.txt").write_text(status)
 
 
@@ -200,7 +200,7 @@ def test_the_models_page_shows_versions_metrics_where_deployed_stage_and_health(
                              "document.body.innerText.includes('completed')", 30, "the deployment rows")
             text = browser.js("document.body.innerText")
             assert "deliberately broken" not in text or "digits:2" in text
-            assert "accuracy >= 0.85" in text and "stage 1" in text
+            assert "accuracy >= 0.8" in text and "stage 1" in text
             time.sleep(1.0)
             browser.screenshot(ARTIFACTS / "dashboards" / "models.png")
         finally:

@@ -141,7 +141,12 @@ def test_the_serverless_demo_loses_its_aggregator_and_finishes(repo_copy: Path) 
     assert killed["took_over_by"] in {"dev-1", "dev-2", "dev-3"} - {killed["device"]}
     assert killed["next_global_s"] is not None and result["accuracy"] > 0.8
     assert f"killed {killed['device']}, the aggregator of round 2" in output
-    assert [row["round"] for row in result["metrics"]] == [1, 2, 3]
+    assert [row["round"] for row in result["metrics"]] == [1, 2, 3]  # each round once
+    steps = [row["step"] for row in result["timeline"]]
+    aggregated = [s for s in steps if s.endswith(" aggregated")]  # who aggregated each round, once each
+    assert aggregated == ["global 0 aggregated", "global 1 aggregated", "global 2 aggregated",
+                          "global 3 aggregated", "final 4 aggregated"], steps
+    assert any(s.startswith("failover 2:") and killed["device"] in s for s in steps), steps
 
 
 def test_the_flower_cli_in_the_environment_runs() -> None:
