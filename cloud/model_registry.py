@@ -18,8 +18,9 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from peewee import Database, IntegrityError, ModelSelect, fn
 from pydantic import BaseModel
@@ -113,7 +114,9 @@ def deployed_counts(name: str | None = None) -> dict[tuple[str, int], dict[str, 
         query = DeviceModel.select(DeviceModel.name, column.alias("v"), fn.COUNT(DeviceModel.device).alias("n"))
         if name is not None:
             query = query.where(DeviceModel.name == name)
-        for row in query.where(column.is_null(False)).group_by(DeviceModel.name, column).dicts():
+        grouped = query.where(column.is_null(False)).group_by(DeviceModel.name, column).dicts()
+        rows = cast(Iterable[dict[str, Any]], grouped)
+        for row in rows:
             counts.setdefault((row["name"], int(row["v"])), {"desired": 0, "running": 0})[key] = int(row["n"])
     return counts
 

@@ -54,6 +54,11 @@ _FORWARDED = {"error": EventKind.CLIENT_ERROR_REPORT, "progress": EventKind.CLIE
               "trigger_refused": EventKind.CLIENT_TRIGGER_REFUSED, "data": EventKind.CLIENT_DATA}
 
 
+# The name of fedmq.ftdl.flower.ServerGone, as the client's bootstrap reports it (not imported: the
+# idle agent loads no Flower).
+SERVER_GONE = "ServerGone"
+
+
 def retry_delay(failures: int, rng: random.Random) -> float:
     """Seconds before the ``failures``-th retry: doubling from 1 s to 30 s, each drawn at random
     between half and all of that ("equal jitter"), so devices that lost the cloud together do
@@ -323,6 +328,13 @@ class EdgeAgent:
                 self.publish_event(task, EventKind.CLIENT_FINISHED, {"duration_s": data.get("duration_s")}, run)
             elif stopped:
                 self.publish_event(task, EventKind.CLIENT_STOPPED, {"cause": data.get("cause")}, run)
+            elif (data.get("error") or {}).get("type") == SERVER_GONE:
+                # Its server went away (the cloud's host died): the task did not fail here.  The
+                # cloud says what becomes of the run; asking again soon finds out.
+                cause = str((data.get("error") or {}).get("message") or "the Flower server went away")
+                log.warning("%s: task %s: %s; not quarantined", self.device, task, cause)
+                self.publish_event(task, EventKind.CLIENT_STOPPED, {"cause": cause, "server_gone": True}, run)
+                self._retry_at = time.time() + retry_delay(1, self._random)
             else:
                 self._failed(task, revision, str(data.get("cause")), run)
             self._info_dirty = True

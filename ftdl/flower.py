@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import flwr as fl
+import grpc
 import numpy as np
 from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
@@ -163,6 +164,13 @@ class ReportingClient(fl.client.NumPyClient):
         return loss, num_examples, metrics
 
 
+class ServerGone(ConnectionError):
+    """The Flower server closed the stream mid-run (its host or the cloud went down): not this
+    task failing on this device, so the agent stops the client without quarantining the task
+    (the cloud marks the run failed, or offers it again once it runs).  The agent matches the
+    exception's name, which the bootstrap reports."""
+
+
 def _wait_for_server(address: str, timeout_s: float) -> None:
     """A device may be told of a task before its server listens (the server process is still
     importing); the legacy gRPC transport fails at once on a refused connection, so wait here."""
@@ -197,8 +205,14 @@ def join(client: fl.client.NumPyClient, *, address: str | None = None, max_wait_
         return
     target = flower_address(address)
     _wait_for_server(target, max_wait_s)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        fl.client.start_client(server_address=target, client=wrapped.to_client(),
-                               insecure=True, max_wait_time=max_wait_s)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fl.client.start_client(server_address=target, client=wrapped.to_client(),
+                                   insecure=True, max_wait_time=max_wait_s)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            raise ServerGone(f"the task's Flower server at {target} went away in round {wrapped.round}: "
+                             f"{exc.details()}") from None
+        raise
     reporter.finish(rounds=wrapped.round)

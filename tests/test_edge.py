@@ -171,3 +171,11 @@ def test_retries_back_off_with_jitter() -> None:
     assert len(firsts) > 40 and all(0.5 <= d <= 1.0 for d in firsts)   # spread, not one value
     assert all(8 <= retry_delay(5, rng) <= 16 for _ in range(50))       # doubling
     assert all(RETRY_MAX_S / 2 <= retry_delay(40, rng) <= RETRY_MAX_S for _ in range(50))  # capped
+
+
+def test_the_agent_knows_the_name_the_flower_helper_gives_a_vanished_server() -> None:
+    """The agent matches the reported exception's name (it imports no Flower): the two must agree."""
+    from fedmq.edge.agent import SERVER_GONE
+    from fedmq.ftdl.flower import ServerGone
+
+    assert ServerGone.__name__ == SERVER_GONE and issubclass(ServerGone, ConnectionError)
