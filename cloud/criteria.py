@@ -361,11 +361,17 @@ def _call(name: str, args: list[Any], info: Facts) -> Any:
 
 
 def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:
-    """Match a task's requirements against what a device reports; (ok, why not)."""
+    """Match a task's requirements against what a device reports; (ok, why not).  Requirements of
+    the wrong shape (stored before a check, or hostile) are unmet, never an exception."""
+    for key in ("packages", "accelerators"):
+        if not isinstance(requirements.get(key) or [], list):
+            return False, f"needs {key} {requirements.get(key)!r} (not a list)"
     for spec in requirements.get("packages") or []:
         if not has_package(info.get("packages"), spec):
             return False, f"needs {spec}"
     python = requirements.get("python")
+    if python is not None and not isinstance(python, str):  # a spec is text: anything else is unmeetable
+        return False, f"needs Python {python!r} (not a version specifier)"
     if python:
         try:
             from packaging.specifiers import SpecifierSet
@@ -377,9 +383,12 @@ def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tupl
     memory = requirements.get("memory_mb")
     if memory is not None:
         have = info.get("memory_mb")
+        if not isinstance(memory, (int, float)) or isinstance(memory, bool):
+            return False, f"needs {memory!r} MB of memory (not a number)"
         if not isinstance(have, (int, float)) or have < memory:
             return False, f"needs {memory} MB of memory"
+    accelerators = info.get("accelerators")
     for accelerator in requirements.get("accelerators") or []:
-        if accelerator not in (info.get("accelerators") or []):
+        if not isinstance(accelerators, list) or accelerator not in accelerators:
             return False, f"needs accelerator {accelerator}"
     return True, ""

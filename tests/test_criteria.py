@@ -129,3 +129,13 @@ def test_compiled_criteria_answer_as_the_reference_interpreter() -> None:
         expressions += 1
         for info in devices:
             assert criteria.matches(info) == criteria.interpret(info), (source, info)
+
+
+@pytest.mark.parametrize("requirements", [
+    {"python": True}, {"python": 3.11}, {"python": ">=3.11,<"}, {"memory_mb": "lots"}, {"memory_mb": True},
+    {"packages": 5}, {"packages": "torch"}, {"accelerators": 1}, {"accelerators": ["cuda"]},
+])
+def test_requirements_of_the_wrong_shape_are_unmet_never_a_crash(requirements: dict) -> None:
+    """The fuzzer found {'python': True} raising inside packaging: a bad requirement is unmet, with a reason."""
+    met, reason = requirements_met(requirements, {"python": "3.11.7", "memory_mb": 4096, "accelerators": "cuda"})
+    assert met is False and reason
