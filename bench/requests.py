@@ -96,7 +96,8 @@ def profiled(folder: Path | None, name: str, pid: int, phase: Callable[[], dict[
     if folder is None:
         return phase()
     folder.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-r", "200", "-f", "raw",
+    beside = Path(sys.executable).with_name("py-spy")  # pip install py-spy into the venv: not on PATH
+    spy = subprocess.Popen([str(beside) if beside.is_file() else "py-spy", "record", "-p", str(pid), "-r", "200", "-f", "raw",
                             "-o", str(folder / f"{name}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)  # py-spy attaches
     try:
