@@ -1,7 +1,12 @@
 """``tasks.request`` throughput and latency with 1,000 registered devices and 50 running tasks
 with criteria, beside ``tasks.ping`` (the same RPC path doing no work) in the same run.
 
-    .venv/bin/python -m bench.requests [--sizes 1000x50,10000x200] [--calls 5000]
+    .venv/bin/python -m bench.requests [--sizes 1000x50,10000x200] [--calls 5000] [--selection device]
+
+``--selection device`` (privacy mode) creates the tasks to select on the device: each simulated
+device evaluates the announced criteria on its own facts, as an edge agent does, and takes up the
+task its policy picks with ``tasks.join`` -- measured beside ping, then the (now empty-handed)
+``tasks.request`` a device still makes for cloud-selected tasks.
 
 The cloud runs as its own process (``fedmq cloud``) on a Mosquitto of our own; the 50 tasks are
 real running tasks whose server entry point idles, so their Flower servers cost nothing here --
@@ -112,8 +117,20 @@ def cpu_s(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
+def chosen_task(i: int, tasks: int) -> str | None:
+    """What device ``i``'s agent takes up in privacy mode: its highest-priority eligible task (the
+    at_most_one policy), decided on its own facts with the agent's own test."""
+    from fedmq.broker.criteria import device_facts, eligible, parse_criteria
+
+    facts = device_facts(device_info(i), f"dev-{i}")
+    requirements = {"packages": ["numpy>=1.20"]}
+    mine = [k for k in range(tasks) if eligible(parse_criteria(criteria_for(k)), requirements, facts)]
+    return f"t{max(mine, key=lambda k: (k % 7, -k))}" if mine else None
+
+
 def timed_calls(clients: list[RpcClient], method: str, calls: int, threads: int,
-                processes: dict[str, psutil.Process]) -> dict[str, Any]:
+                processes: dict[str, psutil.Process],
+                args_of: Callable[[RpcClient], dict[str, Any]] = lambda _client: {}) -> dict[str, Any]:
     """``calls`` calls from ``threads`` callers; latency, throughput, and the CPU each process
     (cloud, broker, this bench's callers) spent per call -- where the time goes."""
     samples: list[float] = []
@@ -126,7 +143,7 @@ def timed_calls(clients: list[RpcClient], method: str, calls: int, threads: int,
         for n in range(per_thread):
             client = clients[(t * per_thread + n) % len(clients)]
             start = time.perf_counter()
-            result = client.call("tasks", method, {}, timeout=60)
+            result = client.call("tasks", method, args_of(client), timeout=60)
             local.append(time.perf_counter() - start)
             if method == "request":
                 counts.append(len(result))
@@ -145,13 +162,15 @@ def timed_calls(clients: list[RpcClient], method: str, calls: int, threads: int,
     return out
 
 
-def run_size(devices: int, tasks: int, calls: int, threads: int, profile: Path | None = None) -> dict[str, Any]:
-    """One cloud, one Mosquitto, ``devices`` registered and ``tasks`` running: ping, then request."""
+def run_size(devices: int, tasks: int, calls: int, threads: int, profile: Path | None = None,
+             selection: str = "cloud") -> dict[str, Any]:
+    """One cloud, one Mosquitto, ``devices`` registered and ``tasks`` running: ping, then request
+    (or, tasks selecting on the device, join)."""
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-requests-"))
     mosq = MosquittoProcess().start()
     conns: list[MqttConnection] = []
     try:
-        return _measure(mosq, work, conns, devices, tasks, calls, threads, profile)
+        return _measure(mosq, work, conns, devices, tasks, calls, threads, profile, selection)
     finally:
         for conn in conns:
             conn.stop()
@@ -160,7 +179,7 @@ def run_size(devices: int, tasks: int, calls: int, threads: int, profile: Path |
 
 
 def _measure(mosq: MosquittoProcess, work: Path, conns: list[MqttConnection], devices: int, tasks: int,
-             calls: int, threads: int, profile: Path | None) -> dict[str, Any]:
+             calls: int, threads: int, profile: Path | None, selection: str) -> dict[str, Any]:
     with bench_cloud(mosq.url, work, "bench-cloud") as cloud:
         processes = {"cloud": psutil.Process(cloud.pid), "broker": psutil.Process(mosq.process.pid),  # type: ignore[union-attr]
                      "callers": psutil.Process()}
@@ -171,7 +190,7 @@ def _measure(mosq: MosquittoProcess, work: Path, conns: list[MqttConnection], de
         digest = push_folder(op, task_dir).manifest.digest
         for k in range(tasks):
             op.call("tasks", "create", {"name": f"t{k}", "task": f"t{k}", "bundle": digest,
-                                        "criteria": criteria_for(k), "priority": k % 7})
+                                        "criteria": criteria_for(k), "priority": k % 7, "selection": selection})
             op.call("tasks", "start", {"task": f"t{k}"}, timeout=30)
         per_conn = 100
         clients: list[RpcClient] = []
@@ -187,7 +206,10 @@ def _measure(mosq: MosquittoProcess, work: Path, conns: list[MqttConnection], de
                                                                    timeout=60) for c in cs])
                      for cs in chunks])
         register_s = time.perf_counter() - started
+        if selection == "device":
+            return _measure_joins(clients, devices, tasks, calls, threads, processes, register_s)
         report: dict[str, Any] = {"devices": devices, "running_tasks": tasks, "register_s": round(register_s, 1),
+                                  "selection": selection,
                                   "ping_baseline": timed_calls(clients, "ping", calls // 2, threads, processes),
                                   # Each device's first request (it is offered ~15 tasks: rows and
                                   # events written), then the fleet's repeats (its re-checks).
@@ -209,6 +231,33 @@ def _measure(mosq: MosquittoProcess, work: Path, conns: list[MqttConnection], de
         return report
 
 
+def _measure_joins(clients: list[RpcClient], devices: int, tasks: int, calls: int, threads: int,
+                   processes: dict[str, psutil.Process], register_s: float) -> dict[str, Any]:
+    """Privacy mode: each eligible device's join (one row and one event), repeats of it, and the
+    request a device still makes (no cloud-selected task: nothing to evaluate)."""
+    chosen = {c.caller: chosen_task(int(c.caller[4:]), tasks) for c in clients}
+    joining = [c for c in clients if chosen[c.caller] is not None]
+    join_args: Callable[[RpcClient], dict[str, Any]] = lambda c: {"task": chosen[c.caller]}  # noqa: E731
+    report: dict[str, Any] = {
+        "devices": devices, "running_tasks": tasks, "register_s": round(register_s, 1), "selection": "device",
+        "devices_eligible": len(joining),
+        "ping_baseline": timed_calls(clients, "ping", calls // 2, threads, processes),
+        "join_first": timed_calls(joining, "join", len(joining), threads, processes, join_args),
+        "join_repeat": timed_calls(joining, "join", calls, threads, processes, join_args),
+        "request_repeat": timed_calls(clients, "request", calls, threads, processes)}
+    first, repeat = report["join_first"], report["join_repeat"]
+    calls_all = first["n"] + repeat["n"]
+    seconds_all = first["n"] / first["calls_per_s"] + repeat["n"] / repeat["calls_per_s"]
+    report["join"] = {"calls_per_s": round(calls_all / seconds_all, 1), "n": calls_all,
+                      "p50_ms": max(first["p50_ms"], repeat["p50_ms"]), "p99_ms": max(first["p99_ms"], repeat["p99_ms"]),
+                      "note": "first and repeat joins together; p50/p99 the worse of the two"}
+    ping = report["ping_baseline"]
+    report["join_over_ping"] = {phase: {"throughput": round(report[phase]["calls_per_s"] / ping["calls_per_s"], 2),
+                                        "p99": round(report[phase]["p99_ms"] / ping["p99_ms"], 2)}
+                                for phase in ("join_first", "join_repeat", "join", "request_repeat")}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000x50",
@@ -216,10 +265,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--profile", type=Path, help="sample the cloud with py-spy per phase into this folder")
+    parser.add_argument("--selection", choices=["cloud", "device"], default="cloud",
+                        help="where the tasks' criteria are evaluated (device: privacy mode, tasks.join)")
     opts = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split("x")) for size in opts.sizes.split(",")]
     runs = [run_size(devices, tasks, opts.calls, opts.threads,
-                     opts.profile / f"{devices}x{tasks}" if opts.profile else None) for devices, tasks in sizes]
+                     opts.profile / f"{devices}x{tasks}" if opts.profile else None, opts.selection)
+            for devices, tasks in sizes]
     report: dict[str, Any] = {"bench": "requests", "runs": runs}
     if len(runs) > 1:  # the cost must not grow with the fleet: largest against smallest, per kind
         # of call (a first request writes 15 offers, a repeat nothing): with more devices than
@@ -228,7 +280,9 @@ def main() -> None:
             "throughput": round(runs[-1][phase]["calls_per_s"] / runs[0][phase]["calls_per_s"], 2),
             "p50": round(runs[-1][phase]["p50_ms"] / runs[0][phase]["p50_ms"], 2),
             "p99": round(runs[-1][phase]["p99_ms"] / runs[0][phase]["p99_ms"], 2)}
-            for phase in ("request_first", "request_repeat", "request", "ping_baseline")}
+            for phase in (("join_first", "join_repeat", "join", "request_repeat", "ping_baseline")
+                          if opts.selection == "device" else
+                          ("request_first", "request_repeat", "request", "ping_baseline"))}
     print(json.dumps(report, indent=2))
 
 

@@ -2,7 +2,7 @@
 (paho clients driven by the loop, not a thread each), against a Mosquitto and a ``fedmq cloud``
 the bench starts itself.
 
-    .venv/bin/python -m bench.swarm [--sizes 1000,5000,10000] [--tasks 5]
+    .venv/bin/python -m bench.swarm [--sizes 1000,5000,10000] [--tasks 5] [--selection device]
 
 Each device does what an edge agent does: connects with its last will (offline presence with its
 session counter), publishes its retained birth, reports ``devices.update_info``, subscribes to the
@@ -12,6 +12,11 @@ every eligible device (computed here from the same criteria) has its offer (p50/
 ``devices.list`` / ``tasks.list`` latency under that load; presence after killing 10 % of the
 connections at once (every killed device offline, each disconnection counted, nobody else
 touched); cloud RSS and CPU seconds, broker RSS; errors.  Prints JSON, then a table.
+
+``--selection device`` (privacy mode): the tasks select on the device.  A device evaluates each
+running announcement's criteria and requirements on its own facts, with the edge agent's own
+test -- its offer is that decision -- and takes up the first task it is eligible for with
+``tasks.join``, as an idle agent does; the join's round trip is reported beside the offers.
 """
 
 from __future__ import annotations
@@ -40,12 +45,12 @@ from bench.requests import bench_cloud, criteria_for, device_info, idle_task
 from bench.rpc import percentiles
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.criteria import Criteria, device_facts, eligible, parse_criteria
 from fedmq.broker.mosquitto import MosquittoProcess
 from fedmq.broker.presence import OFFLINE, ONLINE, Presence
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.topics import Topics
 from fedmq.cloud.bundle_client import push_folder
-from fedmq.cloud.criteria import Criteria, parse_criteria, requirements_met
 
 TOPICS = Topics()
 
@@ -64,6 +69,9 @@ class SimDevice:
     ask_again: bool = False
     pending: dict[str, str] = field(default_factory=dict)    # request id -> method
     killed: bool = False
+    joined: str | None = None        # privacy mode: the one task it took up
+    join_sent: float | None = None
+    joined_at: float | None = None
 
 
 class Swarm:
@@ -176,6 +184,8 @@ class Swarm:
                 self.errors.append(f"{device.id}: {method}: {body.get('error')}")
             elif method == "update_info":
                 device.registered_at = time.monotonic()
+            elif method == "join":
+                device.joined_at = time.monotonic()
             elif method == "request":
                 now = time.monotonic()
                 for offer in body.get("result") or []:
@@ -186,8 +196,21 @@ class Swarm:
                     self._ask(device)
             return
         if isinstance(body, dict) and body.get("state") == "running" and device.registered_at is not None:
-            if body.get("id") not in device.offered:
+            if body.get("selection") == "device":
+                self._decide(device, body)
+            elif body.get("id") not in device.offered:
                 self._ask(device)  # a running task announced: ask what we may run, as an edge does
+
+    def _decide(self, device: SimDevice, announced: dict[str, Any]) -> None:
+        """Privacy mode, as the agent decides: on its own facts, then one join while idle."""
+        task = str(announced.get("id"))
+        if task in device.offered or not eligible(parse_criteria(str(announced.get("criteria", ""))),
+                                                  announced.get("requirements") or {}, facts_of(device)):
+            return
+        device.offered[task] = time.monotonic()
+        if device.joined is None:
+            device.joined, device.join_sent = task, time.monotonic()
+            self.call(device, "tasks", "join", {"task": task})
 
     def kill(self, device: SimDevice) -> None:
         """Drop the connection without DISCONNECT, as a device losing power does: the broker
@@ -205,13 +228,13 @@ class Swarm:
             device.sock.close()
 
 
-def _eligible(criteria: Criteria, index: int, device_id: str) -> bool:
-    """What the cloud decides, decided here from the same facts (as the cloud flattens them)."""
-    info = dict(device_info(index))
-    for key, value in (info.get("labels") or {}).items():
-        info.setdefault(key, value)
-    info.update(device=device_id, online=True)
-    return criteria.matches(info) and requirements_met({"packages": ["numpy>=1.20"]}, info)[0]
+def facts_of(device: SimDevice) -> dict[str, Any]:
+    return device_facts(device_info(device.index), device.id)
+
+
+def _eligible(criteria: Criteria, device: SimDevice) -> bool:
+    """What the cloud (or, in privacy mode, the device) decides, decided here from the same facts."""
+    return eligible(criteria, {"packages": ["numpy>=1.20"]}, facts_of(device))
 
 
 def _timed(op: RpcClient, service: str, method: str, args: dict[str, Any], n: int) -> dict[str, float]:
@@ -223,7 +246,7 @@ def _timed(op: RpcClient, service: str, method: str, args: dict[str, Any], n: in
     return percentiles(samples)
 
 
-def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
+def run_size(devices: int, tasks: int, kill_fraction: float, selection: str = "cloud") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fedmq-swarm-"))
     mosq = MosquittoProcess(workdir=work / "mosquitto").start()
     op_conn: MqttConnection | None = None
@@ -236,7 +259,8 @@ def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
         digest = push_folder(op, idle_task(work)).manifest.digest
         criteria = {f"t{k}": criteria_for(k) for k in range(tasks)}
         for task, text in criteria.items():
-            op.call("tasks", "create", {"name": task, "task": task, "bundle": digest, "criteria": text})
+            op.call("tasks", "create", {"name": task, "task": task, "bundle": digest, "criteria": text,
+                                        "selection": selection})
 
         # connect + register
         started = time.monotonic()
@@ -248,7 +272,7 @@ def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
         register_s = swarm.spin_until(lambda: all(d.registered_at for d in swarm.devices), 300) + connect_s
 
         # tasks.start -> every eligible device offered
-        expected = {task: {d.id for d in swarm.devices if _eligible(parse_criteria(text), d.index, d.id)}
+        expected = {task: {d.id for d in swarm.devices if _eligible(parse_criteria(text), d)}
                     for task, text in criteria.items()}
         start_times: dict[str, float] = {}
         # list RPCs timed while the fleet asks for its offers (the heaviest moment), from a thread
@@ -276,6 +300,13 @@ def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
                   "unexpected": unexpected, "p50_s": round(ordered[len(ordered) // 2], 3),
                   "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
                   "max_s": round(ordered[-1], 3)}
+        if selection == "device":  # each idle device took up one task: the cloud's part
+            swarm.spin_until(lambda: all(d.joined_at for d in swarm.devices if d.joined), 120)
+            trips = sorted(d.joined_at - d.join_sent for d in swarm.devices if d.joined_at and d.join_sent)
+            joined = [d.joined_at - start_times[d.joined] for d in swarm.devices if d.joined_at and d.joined]
+            offers["joins"] = {"n": len(trips), "unanswered": sum(1 for d in swarm.devices if d.joined and not d.joined_at),
+                               "round_trip": percentiles(trips),
+                               "after_start_p99_s": round(sorted(joined)[int(0.99 * (len(joined) - 1))], 3) if joined else None}
 
         swarm.spin_until(lambda: not timer.is_alive(), 300)
         timer.join()
@@ -308,7 +339,7 @@ def run_size(devices: int, tasks: int, kill_fraction: float) -> dict[str, Any]:
         }
         cloud_ps, broker_ps = psutil.Process(cloud.pid), psutil.Process(mosq.process.pid)  # type: ignore[union-attr]
         cpu = cloud_ps.cpu_times()
-        return {"devices": devices, "tasks": tasks, "connect_s": round(connect_s, 2), "register_s": round(register_s, 2),
+        return {"devices": devices, "tasks": tasks, "selection": selection, "connect_s": round(connect_s, 2), "register_s": round(register_s, 2),
                 "offers": offers, "lists_under_load": lists, "presence": presence,
                 "cloud_rss_mb": round(cloud_ps.memory_info().rss / 2**20, 1),
                 "cloud_cpu_s": round(cpu.user + cpu.system, 1),
@@ -340,6 +371,9 @@ def _table(runs: list[dict[str, Any]]) -> str:
             ("offer p50 / p99 / max s", lambda r: f"{r['offers']['p50_s']} / {r['offers']['p99_s']} / "
                                                   f"{r['offers']['max_s']}"),
             ("offers missed", lambda r: r["offers"]["missed"]),
+            ("join p50 / p99 ms", lambda r: f"{r['offers']['joins']['round_trip']['p50_ms']} / "
+                                            f"{r['offers']['joins']['round_trip']['p99_ms']}"
+                                  if "joins" in r["offers"] else "-"),
             ("devices.list p50 ms", lambda r: r["lists_under_load"]["devices.list"]["p50_ms"]),
             ("tasks.list p50 ms", lambda r: r["lists_under_load"]["tasks.list"]["p50_ms"]),
             ("killed / still online", lambda r: f"{r['presence']['killed']} / {r['presence']['killed_still_online']}"),
@@ -354,10 +388,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--tasks", type=int, default=5, help="tasks with criteria started on the fleet")
     parser.add_argument("--kill", type=float, default=0.10, help="fraction of connections killed at once")
+    parser.add_argument("--selection", choices=["cloud", "device"], default="cloud",
+                        help="where the tasks' criteria are evaluated (device: privacy mode, tasks.join)")
     opts = parser.parse_args()
     sizes = [int(s) for s in opts.sizes.split(",") if s]
     _raise_fd_limit(max(sizes))
-    runs = [run_size(n, opts.tasks, opts.kill) for n in sizes]
+    runs = [run_size(n, opts.tasks, opts.kill, opts.selection) for n in sizes]
     report: dict[str, Any] = {"bench": "swarm", "runs": runs}
     if len(runs) > 1:
         small, large = runs[0], runs[-1]

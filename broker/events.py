@@ -40,6 +40,7 @@ class EventKind(StrEnum):
     DEVICE_ONLINE = "device_online"
     DEVICE_OFFLINE = "device_offline"
     DEVICE_REQUESTED = "device_requested"
+    DEVICE_JOINED = "device_joined"    # a task that selects on the device: it found itself eligible
     DEVICE_EVENTS_DROPPED = "device_events_dropped"
     # the edges
     BUNDLE_FETCH_STARTED = "bundle_fetch_started"
@@ -84,7 +85,7 @@ class EventKind(StrEnum):
 
 # One event per device per task: at fleet scale (10,000 devices x 200 tasks) these would flood
 # the component stream, so they go on their task's topic only (the timeline keeps all of them).
-PER_DEVICE_TASK_KINDS = frozenset({EventKind.DEVICE_REQUESTED})
+PER_DEVICE_TASK_KINDS = frozenset({EventKind.DEVICE_REQUESTED, EventKind.DEVICE_JOINED})
 
 
 def _number_or_now(value: Any) -> float:

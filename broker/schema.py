@@ -18,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmq.broker import codec
 
 
+class SelectionMode(StrEnum):
+    """Where a task's criteria and requirements are evaluated.  ``cloud``: on the facts a device
+    reports, in ``tasks.request``.  ``device``: by the device itself, on the retained
+    announcement, over facts that may never leave it (private labels); it calls ``tasks.join``."""
+
+    CLOUD = "cloud"
+    DEVICE = "device"
+
+
 class TaskState(StrEnum):
     CREATED = "created"
     RUNNING = "running"
@@ -84,6 +93,7 @@ class TaskAnnouncement(_Received):
     flower: str | None = None
     criteria: str = ""
     requirements: dict[str, Any] = Field(default_factory=dict)
+    selection: SelectionMode = SelectionMode.CLOUD
     priority: int = 0
     tags: list[str] = Field(default_factory=list)
     round: int = 0

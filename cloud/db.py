@@ -96,6 +96,7 @@ class Task(BaseModel):
     run = IntegerField(default=0)
     owner = CharField(max_length=128, null=True)  # the replica whose host runs the Flower server
     lifecycle = JSONField(default=dict)  # what happens to a finished run's model: {model, register_if}
+    selection = CharField(max_length=16, default="cloud")  # where its criteria are evaluated (SelectionMode)
 
 
 class TaskDevice(BaseModel):
@@ -275,7 +276,14 @@ def _v4(db: Database) -> None:
         migrate_schema(migrator.add_column("task", "lifecycle", JSONField(default=dict)))
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: Database) -> None:
+    """Where a task's criteria are evaluated: in the cloud, or by the device (privacy mode)."""
+    if "selection" not in {column.name for column in db.get_columns("task")}:
+        migrator = SchemaMigrator.from_database(db)
+        migrate_schema(migrator.add_column("task", "selection", CharField(max_length=16, default="cloud")))
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

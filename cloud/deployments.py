@@ -43,12 +43,12 @@ from typing import Any, Protocol
 from peewee import OP, Database, Expression, Value
 
 from fedmq.broker import codec
+from fedmq.broker.criteria import CriteriaError, parse_criteria
 from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
 from fedmq.broker.events import EventKind, EventRecord
 from fedmq.broker.schema import DesiredModel, DesiredModels
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.bundle_store import BundleStore
-from fedmq.cloud.criteria import CriteriaError, parse_criteria
 from fedmq.cloud.db import (
     Deployment,
     DeploymentDevice,

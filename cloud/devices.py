@@ -9,6 +9,7 @@ from typing import Any
 
 from peewee import Database, ModelSelect
 
+from fedmq.broker.criteria import device_facts
 from fedmq.broker.errors import Invalid
 from fedmq.broker.events import EventKind
 from fedmq.broker.presence import ONLINE, Presence, newer
@@ -29,11 +30,7 @@ def device_row(device: Device) -> dict[str, Any]:
 
 def flat_info(device: Device) -> dict[str, Any]:
     """What selection criteria see: the reported info, labels lifted to the top, and presence."""
-    info = dict(device.info or {})
-    for key, value in (info.get("labels") or {}).items():
-        info.setdefault(key, value)
-    info.update(device=device.id, online=device.online)
-    return info
+    return device_facts(device.info or {}, device.id, device.online)
 
 
 class DeviceRegistry:

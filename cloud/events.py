@@ -22,7 +22,7 @@ from fedmq.cloud.db import Event, insert_rows
 from fedmq.cloud.ports import Publisher
 
 # The experiment-1 timeline, in the order a run goes through it.
-TIMELINE_STEPS = (EventKind.TASK_CREATED, EventKind.TASK_STARTED, EventKind.DEVICE_REQUESTED,
+TIMELINE_STEPS = (EventKind.TASK_CREATED, EventKind.TASK_STARTED, EventKind.DEVICE_REQUESTED, EventKind.DEVICE_JOINED,
                   EventKind.BUNDLE_FETCHED, EventKind.CLIENT_STARTED, EventKind.ROUND_DONE,
                   EventKind.CLIENT_FINISHED, EventKind.TASK_FINISHED, EventKind.TASK_FAILED,
                   EventKind.TASK_STOPPED, EventKind.CLIENT_ERROR,

@@ -16,6 +16,7 @@ the table header or key that introduced it.
     requirements = { memory_mb = 256 }  # merged over the bundle's [requirements], like tasks.create
     tags = ["demo"]
     priority = 0
+    selection = "cloud"                 # cloud | device (devices evaluate the criteria themselves)
     state = "created"                   # created | running | stopped
     register_if = "accuracy >= 0.9"     # a finished run that satisfies it is registered...
     model_name = "digits"               # ...as the next version of this model (default: the task's name)
@@ -34,10 +35,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmq.broker import codec
+from fedmq.broker.criteria import parse_criteria
 from fedmq.broker.errors import Invalid
-from fedmq.broker.schema import Requirements
+from fedmq.broker.schema import Requirements, SelectionMode
 from fedmq.broker.topics import check_id
-from fedmq.cloud.criteria import parse_criteria
 from fedmq.cloud.task_fields import MAX_ARGS_BYTES, CriteriaText, Name, Priority, Tags
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -95,6 +96,7 @@ class TaskSpec(BaseModel):
     requirements: Requirements | None = None
     tags: Tags = Field(default_factory=list)
     priority: Priority = 0
+    selection: SelectionMode = SelectionMode.CLOUD
     state: DesiredState = DesiredState.CREATED
     register_if: Annotated[CriteriaText, AfterValidator(_criteria)] = ""  # over a finished run's final metrics
     model_name: Annotated[Name, AfterValidator(_model_name)] | None = None  # default: the task's name
@@ -108,6 +110,15 @@ class TaskSpec(BaseModel):
         if isinstance(value, str) and value in DesiredState.__members__.values():
             return DesiredState(value)
         raise ValueError(f"unknown state {value!r}: use one of {', '.join(DesiredState)}")
+
+    @field_validator("selection", mode="before")
+    @classmethod
+    def _selection(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in SelectionMode.__members__.values():
+            return SelectionMode(value)
+        if isinstance(value, SelectionMode):
+            return value
+        raise ValueError(f"unknown selection {value!r}: use one of {', '.join(SelectionMode)}")
 
     @property
     def is_digest(self) -> bool:

@@ -49,7 +49,8 @@ from fedmq.cloud.task_lifecycle import TaskLifecycle
 MANAGED_BY = "managed_by"  # the key in Task.lifecycle that names the fleet that manages the task
 COMPONENT = "cloud.fleet"
 DEPLOYMENT_FIELDS = ("model", "to", "stages", "max_failure_rate", "health", "stage_timeout_s")
-TASK_FIELDS = ("name", "bundle", "args", "criteria", "requirements", "tags", "priority", "register_if", "model_name")
+TASK_FIELDS = ("name", "bundle", "args", "criteria", "requirements", "tags", "priority", "selection", "register_if",
+               "model_name")
 _NOT_RUNNING = {TaskState.CREATED, TaskState.STOPPED}  # what a desired "running" starts
 
 
@@ -170,7 +171,7 @@ class FleetState:
                 name=task.name or task_id, bundle=task.bundle, task_id=task_id, args=dict(task.args),
                 criteria=task.criteria, tags=list(task.tags), priority=task.priority,
                 requirements=task.requirements.model_dump(exclude_unset=True) if task.requirements else None,
-                register_if=task.register_if or None, model_name=task.model_name)
+                register_if=task.register_if or None, model_name=task.model_name, selection=task.selection)
             self._mark(task_id, fleet)
 
         steps = [Step(Change("create", "task", task_id, fields), create)]
@@ -186,11 +187,13 @@ class FleetState:
         policy = existing.lifecycle or {}
         desired: dict[str, Any] = {"name": task.name or existing.id, "bundle": task.bundle, "args": dict(task.args),
                                    "criteria": task.criteria, "tags": list(task.tags), "priority": task.priority,
-                                   "requirements": self._requirements(task), "register_if": task.register_if.strip(),
+                                   "selection": str(task.selection), "requirements": self._requirements(task),
+                                   "register_if": task.register_if.strip(),
                                    "model_name": task.model_name}
         current = {"name": existing.name, "bundle": existing.bundle, "args": existing.args or {},
                    "criteria": existing.criteria, "tags": existing.tags or [], "priority": existing.priority,
-                   "requirements": existing.requirements or {}, "register_if": policy.get("register_if") or "",
+                   "selection": existing.selection or "cloud", "requirements": existing.requirements or {},
+                   "register_if": policy.get("register_if") or "",
                    "model_name": policy.get("model_name")}
         unknown = {"requirements"} if desired["requirements"] is None else set()  # the bundle is not stored yet
         changes = {key: desired[key] for key in TASK_FIELDS if key not in unknown and desired[key] != current[key]}

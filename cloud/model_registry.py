@@ -25,11 +25,11 @@ from typing import Any, cast
 from peewee import Database, IntegrityError, ModelSelect, fn
 from pydantic import BaseModel
 
+from fedmq.broker.criteria import CriteriaError, parse_criteria
 from fedmq.broker.errors import FedmqError
 from fedmq.broker.events import EventKind
 from fedmq.broker.schema import TaskState
 from fedmq.broker.topics import ID_PATTERN
-from fedmq.cloud.criteria import CriteriaError, parse_criteria
 from fedmq.cloud.db import DeviceModel, ModelVersion, Task, write_transaction
 from fedmq.cloud.errors import InvalidModel, InvalidTask, ModelConflict, ModelNotFound, RunNotFound
 from fedmq.cloud.events import EventLog

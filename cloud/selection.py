@@ -5,6 +5,11 @@ Running tasks are held parsed and compiled in a snapshot, rebuilt when a task ch
 least every ``SNAPSHOT_TTL_S`` (another replica behind a shared subscription may have changed one).
 Device facts and device-task states are held in memory too, so a warm request touches the
 database only to record a first offer, in the cloud's group commit.
+
+A task that selects on the device (``selection = "device"``, privacy mode) is never evaluated
+here: the device evaluates its announcement's criteria on facts that may never leave it and
+takes it up with ``join``, one row and one event for the one task it runs, where a first
+``request`` records every task it is eligible for.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from typing import Any
 
 from peewee import Database
 
+from fedmq.broker.criteria import Criteria, CriteriaError, eligible, parse_criteria
 from fedmq.broker.events import EventKind, EventRecord
-from fedmq.broker.schema import ACTIVE_ON_DEVICE, DeviceTaskState, Offer, TaskState
-from fedmq.cloud.criteria import Criteria, CriteriaError, parse_criteria, requirements_met
+from fedmq.broker.schema import ACTIVE_ON_DEVICE, DeviceTaskState, Offer, SelectionMode, TaskState
 from fedmq.cloud.db import Device, Task, TaskDevice, insert_rows
 from fedmq.cloud.devices import flat_info
-from fedmq.cloud.errors import DeviceNotFound
+from fedmq.cloud.errors import DeviceNotFound, InvalidTask, TaskConflict
 from fedmq.cloud.events import EventLog
-from fedmq.cloud.task_views import task_view
+from fedmq.cloud.task_views import load_task, task_view
 from fedmq.cloud.write_batch import WriteBatcher
 
 log = logging.getLogger("fedmq.cloud.selection")
@@ -38,6 +43,7 @@ class _Offerable:
     criteria: Criteria
     requirements: dict[str, Any]
     offer: Offer
+    on_device: bool  # selection = "device": the device decides, and joins
 
 
 class Selection:
@@ -75,7 +81,8 @@ class Selection:
                 except CriteriaError:
                     log.error("task %s has unparseable criteria; it is never offered", task.id)
                     continue
-                snapshot.append(_Offerable(task.id, criteria, task.requirements or {}, task_view(task).offer()))
+                snapshot.append(_Offerable(task.id, criteria, task.requirements or {}, task_view(task).offer(),
+                                           task.selection == SelectionMode.DEVICE))
             self._snapshot, self._snapshot_at = snapshot, time.monotonic()
             return snapshot
 
@@ -135,8 +142,10 @@ class Selection:
         info = self._facts_of(device_id)
         offers = []
         for task in self._offerable():
+            if task.on_device:
+                continue
             try:
-                if not task.criteria.matches(info) or not requirements_met(task.requirements, info)[0]:
+                if not eligible(task.criteria, task.requirements, info):
                     continue
             except Exception:  # one bad task never breaks the request for the others
                 log.exception("evaluating task %s for %s failed", task.id, device_id)
@@ -149,25 +158,45 @@ class Selection:
         # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         fresh = [o for o in offers if known.get(o.id) not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED)]
         if fresh:
-            offered = [o.id for o in offers]
-
-            def write() -> Callable[[], None]:
-                self._upsert([offer.id for offer in fresh], device_id, DeviceTaskState.OFFERED)
-                # Built here from checked values: not validated again (15 per first request).
-                now = time.time()
-                records = self.events.record_many([EventRecord.model_construct(
-                    ts=now, component=self.events.component, kind=EventKind.DEVICE_REQUESTED, task=offer.id,
-                    device=device_id, run=None, data={"offered": offered}) for offer in fresh])
-
-                def publish() -> None:
-                    for record in records:
-                        self.events.publish(record)
-                return publish
-
-            self.batcher.write(write)
-            for offer in fresh:
-                self._remember(offer.id, device_id, DeviceTaskState.OFFERED)
+            self._record_offers(device_id, [o.id for o in fresh], EventKind.DEVICE_REQUESTED,
+                                {"offered": [o.id for o in offers]})
         return offers
+
+    def join(self, device_id: str, task_id: str) -> Offer:
+        """A device takes up a running task that selects on the device: its offer, recorded once
+        (a repeated join writes nothing).  The device's facts are not consulted: it decided."""
+        task = next((t for t in self._offerable() if t.id == task_id), None)
+        if task is None:
+            state = load_task(task_id).state  # TaskNotFound for a task that does not exist
+            raise TaskConflict(f"task {task_id} is {state}, not running: it cannot be joined")
+        if not task.on_device:
+            raise InvalidTask(f"task {task_id} selects its devices in the cloud: ask tasks.request")
+        known = self._known_of(device_id).get(task_id)
+        if known == DeviceTaskState.DONE:
+            raise TaskConflict(f"{device_id} already finished run {task.offer.run} of task {task_id}")
+        if known not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED):
+            self._record_offers(device_id, [task_id], EventKind.DEVICE_JOINED, {"run": task.offer.run})
+        return task.offer
+
+    def _record_offers(self, device_id: str, task_ids: list[str], kind: EventKind, data: dict[str, Any]) -> None:
+        """First offers: their rows and events in the cloud's group commit, committed before the
+        answer leaves (an offer is never lost), then remembered."""
+        def write() -> Callable[[], None]:
+            self._upsert(task_ids, device_id, DeviceTaskState.OFFERED)
+            # Built here from checked values: not validated again (15 per first request).
+            now = time.time()
+            records = self.events.record_many([EventRecord.model_construct(
+                ts=now, component=self.events.component, kind=kind, task=task_id, device=device_id, run=None,
+                data=data) for task_id in task_ids])
+
+            def publish() -> None:
+                for record in records:
+                    self.events.publish(record)
+            return publish
+
+        self.batcher.write(write)
+        for task_id in task_ids:
+            self._remember(task_id, device_id, DeviceTaskState.OFFERED)
 
     # --- who stands where -------------------------------------------------------------------------
     @staticmethod

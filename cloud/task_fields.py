@@ -4,7 +4,7 @@ to import: the CLI validates a fleet file with them before it connects."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -14,3 +14,4 @@ Tags = Annotated[list[Tag], Field(max_length=16)]
 Priority = Annotated[int, Field(ge=-1000, le=1000)]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 CriteriaText = Annotated[str, Field(max_length=4000)]
+SelectionChoice = Literal["cloud", "device"]  # SelectionMode, as the RPC layer (strict) reads text

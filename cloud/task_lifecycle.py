@@ -27,12 +27,12 @@ from typing import Any
 
 from peewee import Database, IntegrityError
 
+from fedmq.broker.criteria import CriteriaError, parse_criteria
 from fedmq.broker.events import EventKind
 from fedmq.broker.roles import Role, bound_client_id, participant_identity
 from fedmq.broker.schema import DeviceCommand, DeviceTaskState, TaskState
 from fedmq.broker.topics import TopicError, check_id
 from fedmq.cloud.bundle_store import BundleStore, bundle_digest
-from fedmq.cloud.criteria import CriteriaError, parse_criteria
 from fedmq.cloud.db import Task, write_transaction
 from fedmq.cloud.errors import InvalidTask, TaskConflict, TaskNotFound
 from fedmq.cloud.events import EventLog
@@ -119,7 +119,7 @@ class TaskLifecycle:
                task_id: str | None = None, flower_host: str | None = None, flower_port: int | None = None,
                args: dict[str, Any] | None = None, criteria: str = "", requirements: dict[str, Any] | None = None,
                tags: list[str] | None = None, priority: int = 0, register_if: str | None = None,
-               model_name: str | None = None) -> Task:
+               model_name: str | None = None, selection: str = "cloud") -> Task:
         if (bundle is None) == (folder is None):
             raise InvalidTask("give exactly one of bundle (a digest) or folder")
         try:
@@ -137,7 +137,7 @@ class TaskLifecycle:
                             requirements=merged_requirements, args=args or {}, tags=tags or [],
                             priority=priority, flower_host=flower_host or self.settings.flower_advertise,
                             flower_port=flower_port, auto_port=flower_port is None, created=now,
-                            updated=now, lifecycle=lifecycle).execute()
+                            updated=now, lifecycle=lifecycle, selection=str(selection)).execute()
         except IntegrityError:
             raise TaskConflict(f"a task with id {task_id!r} exists") from None
         task = self.get(task_id)
@@ -177,7 +177,7 @@ class TaskLifecycle:
                 self._bundle_requirements(bundle_digest(changes["bundle"]))
             for key, value in changes.items():
                 if key not in _POLICY_KEYS:
-                    setattr(task, key, value)
+                    setattr(task, key, str(value) if key == "selection" else value)
             task.revision += 1
             task.updated = time.time()
             task.save()

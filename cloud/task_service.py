@@ -15,7 +15,7 @@ from fedmq.cloud.errors import InvalidTask
 from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page
 from fedmq.cloud.run_history import RunHistory
 from fedmq.cloud.selection import Selection
-from fedmq.cloud.task_fields import MAX_ARGS_BYTES, CriteriaText, Name, Priority, Tags
+from fedmq.cloud.task_fields import MAX_ARGS_BYTES, CriteriaText, Name, Priority, SelectionChoice, Tags
 from fedmq.cloud.task_lifecycle import TaskLifecycle
 from fedmq.cloud.task_views import task_view
 
@@ -41,16 +41,17 @@ class TaskService:
                args: dict[str, Any] | None = None, criteria: CriteriaText = "",
                requirements: Requirements | None = None, tags: Tags | None = None,
                priority: Priority = 0, register_if: CriteriaText | None = None,
-               model_name: Name | None = None) -> dict[str, Any]:
+               model_name: Name | None = None, selection: SelectionChoice = "cloud") -> dict[str, Any]:
         """Create a task from a stored bundle (digest) or a folder on the cloud host; with
         ``register_if`` (an expression over a run's final metrics) each finished run whose
-        metrics satisfy it is registered as the next version of ``model_name`` (default: NAME)."""
+        metrics satisfy it is registered as the next version of ``model_name`` (default: NAME).
+        ``selection="device"``: devices evaluate the criteria themselves and call ``tasks.join``."""
         _check_args(args)
         created = self.lifecycle.create(
             name=name, bundle=bundle, folder=folder, task_id=task, flower_host=flower_host,
             flower_port=flower_port, args=args, criteria=criteria,
             requirements=requirements.model_dump(exclude_none=True) if requirements else None,
-            tags=tags, priority=priority, register_if=register_if, model_name=model_name)
+            tags=tags, priority=priority, register_if=register_if, model_name=model_name, selection=selection)
         return task_view(created).to_wire()
 
     @rpc(roles=READERS)
@@ -73,12 +74,14 @@ class TaskService:
     def update(self, task: str, criteria: CriteriaText | None = None, args: dict[str, Any] | None = None,
                priority: Priority | None = None, bundle: str | None = None, tags: Tags | None = None,
                requirements: Requirements | None = None, register_if: CriteriaText | None = None,
-               model_name: Name | None = None) -> dict[str, Any]:
-        """Change criteria, arguments, priority, tags, requirements, bundle or the model policy
-        (``register_if``, "" for none; ``model_name``): a new revision."""
+               model_name: Name | None = None, selection: SelectionChoice | None = None) -> dict[str, Any]:
+        """Change criteria, arguments, priority, tags, requirements, bundle, where the criteria
+        are evaluated (``selection``) or the model policy (``register_if``, "" for none;
+        ``model_name``): a new revision."""
         _check_args(args)
         changes = {k: v for k, v in dict(criteria=criteria, args=args, priority=priority, bundle=bundle,
-                                         tags=tags, register_if=register_if, model_name=model_name).items()
+                                         tags=tags, register_if=register_if, model_name=model_name,
+                                         selection=selection).items()
                    if v is not None}
         if requirements is not None:
             changes["requirements"] = requirements.model_dump(exclude_none=True)
@@ -104,6 +107,12 @@ class TaskService:
     def request(self, ctx: CallContext) -> list[dict[str, Any]]:
         """A device asks which tasks it may run: eligible running tasks, by priority then age."""
         return [offer.model_dump(mode="json") for offer in self.selection.request(ctx.caller)]
+
+    @rpc(roles=DEVICES)
+    def join(self, ctx: CallContext, task: str) -> dict[str, Any]:
+        """A device that found itself eligible for a running task that selects on the device
+        (its criteria evaluated on the retained announcement) takes it up: its offer."""
+        return self.selection.join(ctx.caller, task).model_dump(mode="json")
 
     @rpc(roles=DEVICES)
     def participate(self, ctx: CallContext, task: str) -> dict[str, Any]:

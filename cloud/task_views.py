@@ -51,6 +51,7 @@ def task_view(task: Task) -> TaskView:
     policy = task.lifecycle or {}
     return TaskView(id=task.id, name=task.name, state=task.state, revision=task.revision, bundle=task.bundle,
                     flower=flower_address(task), criteria=task.criteria, requirements=task.requirements or {},
+                    selection=task.selection or "cloud",
                     priority=task.priority, tags=task.tags or [], round=task.current_round,
                     total_rounds=task.total_rounds, run=task.run, updated=task.updated, last_error=task.last_error,
                     args=task.args or {}, created=task.created, started_at=task.started_at,

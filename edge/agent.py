@@ -30,7 +30,7 @@ from fedmq.broker.events import EventKind, EventRecord, publish_event
 from fedmq.broker.presence import OFFLINE, ONLINE, Presence
 from fedmq.broker.roles import CLIENT_IDS, Role
 from fedmq.broker.rpc_client import RpcClient
-from fedmq.broker.schema import DeviceCommand, Offer, TaskAnnouncement, TaskState
+from fedmq.broker.schema import DeviceCommand, Offer, SelectionMode, TaskAnnouncement, TaskState
 from fedmq.broker.topics import TopicError, Topics, check_id
 from fedmq.broker.urls import with_credentials
 from fedmq.edge.config import EdgeConfig
@@ -213,12 +213,53 @@ class EdgeAgent:
             return
         with self._lock:
             running = {self.current.task} if self.current else set()
+        mine = self._eligible_here()
+        offers = sorted(offers + mine, key=lambda o: -o.priority)  # stable: the cloud's order within a priority
         offers = [o for o in offers if (o.id, o.run) not in self._finished_runs]  # done here already
         revisions = {o.id: o.revision for o in offers}
-        for offer in self.policy(offers, running, self.state.blocked(revisions)):
+        for chosen in self.policy(offers, running, self.state.blocked(revisions)):
+            offer = self._join(chosen) if chosen in mine else chosen
+            if offer is None:
+                continue
             self._start(offer)
             if self.current is not None:
                 break
+
+    def _eligible_here(self) -> list[Offer]:
+        """Running tasks that select on the device whose announced criteria and requirements this
+        device meets on its own facts, private labels included: the facts stay here, and only
+        the task it takes up is told to the cloud (``tasks.join``)."""
+        announced = [a for a in list(self.announcements.values())
+                     if a.selection == SelectionMode.DEVICE and a.state == TaskState.RUNNING]
+        if not announced:
+            return []
+        from fedmq.broker.criteria import CriteriaError, device_facts, eligible, parse_criteria
+
+        facts = device_facts(self.info(), self.device, private=self.config.private_labels)
+        found = []
+        for task in announced:
+            try:
+                criteria = parse_criteria(task.criteria)
+            except CriteriaError as exc:  # the cloud refuses these at create: a newer dialect?
+                log.warning("%s: cannot evaluate the criteria of task %s: %s", self.device, task.id, exc)
+                continue
+            if eligible(criteria, task.requirements, facts):
+                found.append(Offer(id=task.id, name=task.name, revision=task.revision, bundle=task.bundle,
+                                   flower=task.flower, priority=task.priority, run=task.run))
+        return found
+
+    def _join(self, offer: Offer) -> Offer | None:
+        """Take up a device-selected task: the cloud records it and answers the full offer (its
+        arguments are not in the announcement)."""
+        try:
+            return Offer.model_validate(self.rpc.call("tasks", "join", {"task": offer.id},
+                                                      timeout=self.config.rpc_timeout_s))
+        except RpcError as exc:  # ended meanwhile, or the cloud is away: the next cycle decides again
+            log.warning("%s: could not join task %s: %s", self.device, offer.id, exc)
+            self._retry_at = time.time() + retry_delay(1, self._random)
+        except ValidationError as exc:
+            log.error("%s: tasks.join answered an offer this agent cannot read: %s", self.device, exc)
+        return None
 
     def info(self) -> dict[str, Any]:
         return gather(self.config.data_dir, self.work, self.config.labels, self.task_stats,

@@ -12,6 +12,8 @@ one before).  Only the device id is required.
     recheck_interval_s = 60
     [labels]
     region = "eu"
+    [private_labels]       # seen only by tasks that select on the device; never reported
+    site = "clinic-7"
 
 Paths become absolute here and nowhere else: a relative path in the file is taken relative to
 the file's folder, one from a flag or the environment relative to the working directory.
@@ -47,6 +49,7 @@ class EdgeConfig:
     report_interval_s: float = 300.0
     rpc_timeout_s: float = 10.0
     labels: dict[str, Any] = field(default_factory=dict)
+    private_labels: dict[str, Any] = field(default_factory=dict)  # criteria of device-selected tasks only
     client_time_limit_s: float | None = None
     deploy_time_limit_s: float | None = 300.0  # a [deploy] entry point measures a model; it does not train
 

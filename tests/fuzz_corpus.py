@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.criteria import CriteriaError, parse_criteria, requirements_met
 from fedmq.broker.embedded import EmbeddedBroker
 from fedmq.broker.envelope import EnvelopeError, Request
 from fedmq.broker.rpc_client import RpcClient
-from fedmq.cloud.criteria import CriteriaError, parse_criteria, requirements_met
 from fedmq.ftdl.bundle import BundleError, BundleManifest, safe_unpack
 from fedmq.ftdl.manifest import ManifestError, parse_manifest
 

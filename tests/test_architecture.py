@@ -17,7 +17,7 @@ PACKAGES = {"fedmq.broker": REPO / "broker", "fedmq.ftdl": REPO / "ftdl", "fedmq
             "fedmq.edge": REPO / "edge", "fedmq": REPO / "fedmq"}
 FLOORS = ["fedmq.broker", "fedmq.ftdl", "fedmq.cloud", "fedmq.edge", "fedmq.cli"]
 CLOUD_DOMAIN = ["task_lifecycle", "selection", "run_history", "task_servers", "task_views", "devices", "events",
-                "bundle_store", "criteria", "errors", "ports", "db"]
+                "bundle_store", "errors", "ports", "db"]
 
 
 def modules() -> dict[str, Path]:

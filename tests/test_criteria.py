@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from fedmq.cloud.criteria import CriteriaError, parse_criteria, requirements_met
+from fedmq.broker.criteria import CriteriaError, parse_criteria, requirements_met
 
 INFO = {"data_quantity": 150, "memory_mb": 2048.0, "region": "eu", "packages": {"torch": "2.13.0", "numpy": "2.4.6"},
         "accelerators": ["cuda"], "labels": {"site": "lab"}, "python": "3.11.7"}

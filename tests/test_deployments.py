@@ -481,7 +481,7 @@ def test_the_deploy_command(fleet: Fleet) -> None:
 ])
 def test_a_health_verdict_says_which_values_decided(expression: str, metrics: dict[str, Any],
                                                    verdict: tuple[bool, str]) -> None:
-    from fedmq.cloud.criteria import parse_criteria
+    from fedmq.broker.criteria import parse_criteria
 
     assert parse_criteria(expression).explain(metrics) == verdict
     assert parse_criteria(expression).matches(metrics) is verdict[0]

@@ -118,6 +118,7 @@ HARMLESS: dict[str, dict[str, Any]] = {
     "tasks.create": {"name": "m", "bundle": NOPE}, "tasks.get": {"task": "nope"}, "tasks.list": {},
     "tasks.update": {"task": "nope", "priority": 1}, "tasks.start": {"task": "nope"}, "tasks.stop": {"task": "nope"},
     "tasks.delete": {"task": "nope"}, "tasks.request": {}, "tasks.participate": {"task": "nope"},
+    "tasks.join": {"task": "nope"},
     "tasks.runs": {"task": "nope"},
     "tasks.metrics": {"task": "nope"}, "tasks.logs": {"task": "nope"}, "tasks.model": {"task": "nope"},
     "devices.update_info": {"info": DEVICE_INFO}, "devices.get_info": {"device": "dev-1"}, "devices.list": {},
@@ -144,10 +145,10 @@ _READ = {"tasks.get", "tasks.list", "tasks.runs", "tasks.run", "tasks.metrics", 
          "fleet.diff"}
 # What the roles may do, written out: the services' declarations must say the same.
 EXPECTED = {
-    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "tasks.participate", "devices.update_info",
+    Role.OPERATOR: set(HARMLESS) - {"tasks.request", "tasks.participate", "tasks.join", "devices.update_info",
                                     "deployments.report"},
     Role.VIEWER: _READ,
-    Role.DEVICE: {"tasks.request", "tasks.participate", "devices.update_info", "devices.get_info",
+    Role.DEVICE: {"tasks.request", "tasks.participate", "tasks.join", "devices.update_info", "devices.get_info",
                   "deployments.report"},
     Role.SERVICE: _READ | {"bundles.publish", "identities.add", "identities.rotate", "identities.revoke",
                            "identities.list"},

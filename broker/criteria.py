@@ -151,6 +151,7 @@ def _check(node: ast.AST, depth: int, counter: list[int]) -> None:
         _check(child, depth + 1, counter)
 
 
+@functools.lru_cache(maxsize=1024)  # a device re-reads the same announced criteria every cycle
 def parse_criteria(source: str) -> Criteria:
     """Validate once; raises ``CriteriaError`` with the position of the problem."""
     if not isinstance(source, str):
@@ -392,3 +393,19 @@ def requirements_met(requirements: dict[str, Any], info: dict[str, Any]) -> tupl
         if not isinstance(accelerators, list) or accelerator not in accelerators:
             return False, f"needs accelerator {accelerator}"
     return True, ""
+
+
+def device_facts(info: dict[str, Any], device: str, online: bool = True,
+                 private: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What criteria see of a device: its info, its labels lifted to the top, its id and presence,
+    and (on the device only, for tasks that select on the device) labels it never reports."""
+    facts = dict(info)
+    for key, value in {**(info.get("labels") or {}), **(private or {})}.items():
+        facts.setdefault(key, value)
+    facts.update(device=device, online=online)
+    return facts
+
+
+def eligible(criteria: Criteria, requirements: dict[str, Any], facts: dict[str, Any]) -> bool:
+    """Whether a device with ``facts`` may run a task: the one test, in the cloud and on the device."""
+    return criteria.matches(facts) and requirements_met(requirements, facts)[0]
