@@ -5,6 +5,9 @@ one event for the task it runs.  Real brokers, a real cloud, real edge agents.""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,7 +69,10 @@ def test_the_cloud_never_offers_a_device_selected_task_and_join_records_it_once(
                                           "args": {"rounds": 2}})
     assert created["selection"] == "device"
     op.call("tasks", "create", {"name": "open", "task": "open", "bundle": digest})
-    op.call("tasks", "create", {"name": "later", "task": "later", "bundle": digest, "selection": "device"})
+    made = subprocess.run([sys.executable, "-m", "fedmq.cli", "--broker", fleet["url"], "task", "create", "later",
+                           "--id", "later", "--bundle", digest, "--selection", "device", "--output", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and json.loads(made.stdout)["selection"] == "device", made.stderr
     for task in ("private", "open"):
         op.call("tasks", "start", {"task": task})
     device = fleet["client"]("dev-1")

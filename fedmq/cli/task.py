@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from fedmq.broker.schema import SelectionMode as Selection
 from fedmq.cli.common import (
     ExitCode,
     Output,
@@ -54,6 +55,9 @@ def _one(row: dict[str, Any]) -> Table:
     return task_table([row])
 
 
+SELECTION_HELP = ("Where the criteria are evaluated: cloud (on reported facts) or device (privacy mode: each "
+                  "device decides on its own facts and joins).")
+
 @app.command("create")
 def create(ctx: typer.Context,
            name: str = typer.Argument(..., help="Task name."),
@@ -73,6 +77,7 @@ def create(ctx: typer.Context,
            flower_host: str | None = typer.Option(None, show_default=False,
                                                      help="Host devices use to reach the Flower server."),
            register_if: str | None = RegisterIfOpt, model_name: str | None = ModelNameOpt,
+           selection: Selection = typer.Option(Selection.CLOUD, help=SELECTION_HELP),
            output: OutputOpt = Output.TABLE) -> None:
     """Create a task."""
     if folder is not None:  # a path on the cloud host; relative to here if this is the cloud host
@@ -82,7 +87,7 @@ def create(ctx: typer.Context,
                                      requirements=json_arg(requirements, "--requirements"),
                                      tags=tag or None, priority=priority, flower_port=flower_port,
                                      flower_host=flower_host, register_if=register_if,
-                                     model_name=model_name).items() if v is not None}
+                                     model_name=model_name, selection=selection.value).items() if v is not None}
     show(rpc(ctx, "tasks", "create", payload), output, _one)
 
 
@@ -111,11 +116,13 @@ def update(ctx: typer.Context, task: str = typer.Argument(..., help="Task id."),
            bundle: str | None = typer.Option(None, show_default=False, help="New bundle digest (task stopped)."),
            tag: list[str] = typer.Option([], "--tag", help="Tags replacing the current ones; repeatable."),
            register_if: str | None = RegisterIfOpt, model_name: str | None = ModelNameOpt,
+           selection: Selection | None = typer.Option(None, show_default=False, help=SELECTION_HELP),
            output: OutputOpt = Output.TABLE) -> None:
-    """Change criteria, arguments, priority, tags, bundle or the model policy (a new revision)."""
+    """Change criteria, arguments, priority, tags, bundle, selection or the model policy (a new revision)."""
     payload = {k: v for k, v in dict(task=task, criteria=criteria, args=json_arg(args, "--args"),
                                      priority=priority, bundle=bundle, tags=tag or None, register_if=register_if,
-                                     model_name=model_name).items() if v is not None}
+                                     model_name=model_name,
+                                     selection=selection.value if selection else None).items() if v is not None}
     show(rpc(ctx, "tasks", "update", payload), output, _one)
 
 
