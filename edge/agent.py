@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, Will
-from fedmq.broker.envelope import RpcError
+from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.events import EventKind, EventRecord, publish_event
 from fedmq.broker.presence import OFFLINE, ONLINE, Presence
 from fedmq.broker.roles import CLIENT_IDS, Role
@@ -248,15 +248,24 @@ class EdgeAgent:
                                    flower=task.flower, priority=task.priority, run=task.run))
         return found
 
+    def _done_here(self, task: str, run: int) -> None:
+        """A run this device will not take (up) again: it completed here, or joining it was refused."""
+        self._finished_runs[(task, run)] = None
+        while len(self._finished_runs) > 256:
+            self._finished_runs.pop(next(iter(self._finished_runs)))
+
     def _join(self, offer: Offer) -> Offer | None:
         """Take up a device-selected task: the cloud records it and answers the full offer (its
         arguments are not in the announcement)."""
         try:
             return Offer.model_validate(self.rpc.call("tasks", "join", {"task": offer.id},
                                                       timeout=self.config.rpc_timeout_s))
-        except RpcError as exc:  # ended meanwhile, or the cloud is away: the next cycle decides again
+        except RpcError as exc:
             log.warning("%s: could not join task %s: %s", self.device, offer.id, exc)
-            self._retry_at = time.time() + retry_delay(1, self._random)
+            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.INTERNAL):  # the cloud is away: again soon
+                self._retry_at = time.time() + retry_delay(1, self._random)
+            else:  # refused (ended meanwhile, or finished here before a restart): not this run again
+                self._done_here(offer.id, offer.run)
         except ValidationError as exc:
             log.error("%s: tasks.join answered an offer this agent cannot read: %s", self.device, exc)
         return None
@@ -363,9 +372,7 @@ class EdgeAgent:
                     self.current = None
             stopped = bool(current and current.stopping) or data.get("stopped")
             if data.get("ok"):
-                self._finished_runs[(task, run)] = None
-                while len(self._finished_runs) > 256:
-                    self._finished_runs.pop(next(iter(self._finished_runs)))
+                self._done_here(task, run)
                 self.publish_event(task, EventKind.CLIENT_FINISHED, {"duration_s": data.get("duration_s")}, run)
             elif stopped:
                 self.publish_event(task, EventKind.CLIENT_STOPPED, {"cause": data.get("cause")}, run)
