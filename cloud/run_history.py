@@ -24,7 +24,7 @@ _ENDS = {EventKind.TASK_FINISHED: TaskState.FINISHED, EventKind.TASK_FAILED: Tas
 
 
 # What a run was started with: enough, with the bundle's own defaults, to start it again.
-_REVISION_KEYS = ("revision", "bundle", "args", "criteria", "requirements", "mode")
+_REVISION_KEYS = ("revision", "bundle", "args", "criteria", "requirements", "selection", "mode")
 _RECORD_KINDS = [EventKind.TASK_STARTED, *_ENDS, EventKind.CLIENT_STARTED, EventKind.CLIENT_DATA,
                  EventKind.ROUND_METRICS]
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")

@@ -241,7 +241,8 @@ class TaskLifecycle:
         self.events.record(EventKind.TASK_STARTED, task=task_id, run=run,
                            data={"flower": flower_address(task), "revision": task.revision,
                                  "bundle": task.bundle, "args": task.args, "criteria": task.criteria,
-                                 "requirements": task.requirements, "replica": self.replica,
+                                 "requirements": task.requirements, "selection": task.selection or "cloud",
+                                 "replica": self.replica,
                                  "mode": SERVERLESS if rounds is not None else FLOWER})
         return task
 

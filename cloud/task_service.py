@@ -128,7 +128,7 @@ class TaskService:
 
     @rpc(roles=READERS)
     def run(self, task: str, run: RunNumber | None = None) -> dict[str, Any]:
-        """One run's record (default: the latest): revision (bundle, args, criteria, requirements,
+        """One run's record (default: the latest): revision (bundle, args, criteria, requirements, selection,
         mode), cohort, each device's data fingerprint, how it ended, final metrics, the model's sha256."""
         return self.history.run(task, run)
 

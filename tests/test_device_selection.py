@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedmq.cloud.fleet_file import FleetFileError, load_fleet
 from fedmq.edge.agent import EdgeAgent, EdgeConfig
 from fedmq.edge.config import load_edge_config
 
+NUMPY_TASK = Path(__file__).parent / "tasks" / "numpy_fl"
 DEVICE_INFO = {"data_quantity": 500, "memory_mb": 2048, "python": "3.11.9", "packages": {"numpy": "2.1.0"}}
 
 
@@ -98,24 +100,39 @@ def test_the_cloud_never_offers_a_device_selected_task_and_join_records_it_once(
     assert fleet["cloud"].selection.take_active("private") == ["dev-1"]
 
 
-def test_edges_decide_on_facts_that_never_leave_them(fleet: dict[str, Any], tmp_path: Path) -> None:
-    op = fleet["op"]
-    agents = {}
-    for name, private in (("dev-in", {"site": "clinic-7"}), ("dev-out", {"site": "clinic-9"})):
-        config = EdgeConfig(device_id=name, broker=fleet["url"], work_dir=tmp_path / name, allow_unsigned=True,
-                            private_labels=private, labels={"region": "eu"})
-        agents[name] = EdgeAgent(config)
+@contextmanager
+def edges(url: str, work: Path, sites: dict[str, str]) -> Iterator[dict[str, EdgeAgent]]:
+    """Real edge agents in this process, each with a private site and a public region."""
+    agents = {name: EdgeAgent(EdgeConfig(device_id=name, broker=url, work_dir=work / name, allow_unsigned=True,
+                                         private_labels={"site": site}, labels={"region": "eu"}))
+              for name, site in sites.items()}
     threads = [threading.Thread(target=agent.run, daemon=True) for agent in agents.values()]
     for thread in threads:
         thread.start()
     try:
+        yield agents
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        for thread in threads:
+            thread.join(20)
+
+
+def until(predicate: Any, what: str, timeout: float = 60.0) -> Any:
+    deadline = time.time() + timeout
+    while not (value := predicate()):
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_edges_decide_on_facts_that_never_leave_them(fleet: dict[str, Any], tmp_path: Path) -> None:
+    op = fleet["op"]
+    with edges(fleet["url"], tmp_path, {"dev-in": "clinic-7", "dev-out": "clinic-9"}) as agents:
         op.call("tasks", "create", {"name": "private", "task": "private", "bundle": fleet["digest"],
                                     "criteria": 'site == "clinic-7" and region == "eu"', "selection": "device"})
         op.call("tasks", "start", {"task": "private"})
-        deadline = time.time() + 30
-        while agents["dev-in"].current is None:
-            assert time.time() < deadline, "the eligible device never started the task"
-            time.sleep(0.1)
+        until(lambda: agents["dev-in"].current is not None, "the eligible device never started the task")
         assert agents["dev-in"].current.task == "private"
         time.sleep(2.0)  # the other device had the same announcement as long
         assert agents["dev-out"].current is None
@@ -124,11 +141,23 @@ def test_edges_decide_on_facts_that_never_leave_them(fleet: dict[str, Any], tmp_
         for name in agents:  # the private label was never reported; the public one was
             info = op.call("devices", "get_info", {"device": name})["info"]
             assert info["labels"] == {"region": "eu"} and "clinic" not in repr(info)
-    finally:
-        for agent in agents.values():
-            agent.stop()
-        for thread in threads:
-            thread.join(20)
+
+
+def test_a_device_selected_flower_task_trains_on_exactly_the_eligible_devices(fleet: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """Real Flower rounds over gRPC on loopback, with the cohort chosen by the devices themselves."""
+    op = fleet["op"]
+    digest = push_folder(op, NUMPY_TASK).manifest.digest
+    op.call("tasks", "create", {"name": "linreg", "task": "linreg", "bundle": digest, "selection": "device",
+                                "criteria": 'site == "clinic-7"', "args": {"rounds": 2, "min_clients": 2}})
+    with edges(fleet["url"], tmp_path, {"dev-a": "clinic-7", "dev-b": "clinic-7", "dev-c": "clinic-9"}):
+        op.call("tasks", "start", {"task": "linreg"})
+        task = until(lambda: (t := op.call("tasks", "get", {"task": "linreg"}))["state"] != "running" and t,
+                     "the task never ended", timeout=120)
+    assert task["state"] == "finished" and task["round"] == 2, task
+    run = op.call("tasks", "run", {"task": "linreg"})
+    assert sorted(run["cohort"]) == ["dev-a", "dev-b"], run
+    assert run["revision"]["selection"] == "device"  # the run's record says how its cohort was chosen
 
 
 def test_private_labels_come_from_the_config_file(tmp_path: Path) -> None:
