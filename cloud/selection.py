@@ -158,8 +158,7 @@ class Selection:
         # Only a first offer is news: repeated requests (the edge's safety-net re-checks) write nothing.
         fresh = [o for o in offers if known.get(o.id) not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED)]
         if fresh:
-            self._record_offers(device_id, [o.id for o in fresh], EventKind.DEVICE_REQUESTED,
-                                {"offered": [o.id for o in offers]})
+            self._record_offers(device_id, fresh, EventKind.DEVICE_REQUESTED)
         return offers
 
     def join(self, device_id: str, task_id: str) -> Offer:
@@ -175,19 +174,22 @@ class Selection:
         if known == DeviceTaskState.DONE:
             raise TaskConflict(f"{device_id} already finished run {task.offer.run} of task {task_id}")
         if known not in (*ACTIVE_ON_DEVICE, DeviceTaskState.FAILED):
-            self._record_offers(device_id, [task_id], EventKind.DEVICE_JOINED, {"run": task.offer.run})
+            self._record_offers(device_id, [task.offer], EventKind.DEVICE_JOINED)
         return task.offer
 
-    def _record_offers(self, device_id: str, task_ids: list[str], kind: EventKind, data: dict[str, Any]) -> None:
-        """First offers: their rows and events in the cloud's group commit, committed before the
-        answer leaves (an offer is never lost), then remembered."""
+    def _record_offers(self, device_id: str, offers: list[Offer], kind: EventKind) -> None:
+        """First offers: their rows and events (one per task, on its topic, saying which run) in
+        the cloud's group commit, committed before the answer leaves (an offer is never lost),
+        then remembered."""
+        task_ids = [offer.id for offer in offers]
+
         def write() -> Callable[[], None]:
             self._upsert(task_ids, device_id, DeviceTaskState.OFFERED)
             # Built here from checked values: not validated again (15 per first request).
             now = time.time()
             records = self.events.record_many([EventRecord.model_construct(
-                ts=now, component=self.events.component, kind=kind, task=task_id, device=device_id, run=None,
-                data=data) for task_id in task_ids])
+                ts=now, component=self.events.component, kind=kind, task=offer.id, device=device_id, run=offer.run,
+                data={}) for offer in offers])
 
             def publish() -> None:
                 for record in records:
