@@ -34,6 +34,7 @@ import psutil
 
 from bench.rpc import percentiles, run_threads
 from fedmq.broker.connection import MqttConnection, new_client_id
+from fedmq.broker.criteria import device_facts, eligible, parse_criteria
 from fedmq.broker.mosquitto import MosquittoProcess
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.cloud.bundle_client import push_folder
@@ -44,6 +45,7 @@ IDLE_TASK = {
     "server.py": "import time\ntime.sleep(3600)\n",
     "client.py": "print('idle client')\n",
 }
+IDLE_REQUIREMENTS = {"packages": ["numpy>=1.20"]}  # IDLE_TASK's [requirements], as the cloud keeps them
 REGIONS = ["eu", "us", "br", "asia"]
 
 
@@ -88,6 +90,12 @@ def criteria_for(k: int) -> str:
             f"and memory_mb >= {256 * (k % 3)} and has(\"numpy>=1.{k % 5}\")")
 
 
+def admits(k: int, facts: dict[str, Any]) -> bool:
+    """Whether task ``t<k>`` (its criteria and the idle task's requirements) admits a device with
+    ``facts``: decided here with the test the cloud and the agents use."""
+    return eligible(parse_criteria(criteria_for(k)), IDLE_REQUIREMENTS, facts)
+
+
 def device_info(i: int) -> dict[str, Any]:
     rng = random.Random(i)
     return {"data_quantity": rng.randint(0, 1000), "memory_mb": float(rng.choice([512, 1024, 4096])),
@@ -120,11 +128,8 @@ def cpu_s(processes: dict[str, psutil.Process]) -> dict[str, float]:
 def chosen_task(i: int, tasks: int) -> str | None:
     """What device ``i``'s agent takes up in privacy mode: its highest-priority eligible task (the
     at_most_one policy), decided on its own facts with the agent's own test."""
-    from fedmq.broker.criteria import device_facts, eligible, parse_criteria
-
     facts = device_facts(device_info(i), f"dev-{i}")
-    requirements = {"packages": ["numpy>=1.20"]}
-    mine = [k for k in range(tasks) if eligible(parse_criteria(criteria_for(k)), requirements, facts)]
+    mine = [k for k in range(tasks) if admits(k, facts)]
     return f"t{max(mine, key=lambda k: (k % 7, -k))}" if mine else None
 
 

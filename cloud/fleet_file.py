@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedmq.broker import codec
 from fedmq.broker.criteria import parse_criteria
@@ -101,24 +101,16 @@ class TaskSpec(BaseModel):
     register_if: Annotated[CriteriaText, AfterValidator(_criteria)] = ""  # over a finished run's final metrics
     model_name: Annotated[Name, AfterValidator(_model_name)] | None = None  # default: the task's name
 
-    @field_validator("state", mode="before")
+    @field_validator("state", "selection", mode="before")
     @classmethod
-    def _state(cls, value: Any) -> Any:
+    def _choice(cls, value: Any, info: ValidationInfo) -> Any:
         # TOML gives a str; strict mode would refuse it for the enum, with a worse message.
-        if isinstance(value, DesiredState):
+        choices = {"state": DesiredState, "selection": SelectionMode}[str(info.field_name)]
+        if isinstance(value, choices):
             return value
-        if isinstance(value, str) and value in DesiredState.__members__.values():
-            return DesiredState(value)
-        raise ValueError(f"unknown state {value!r}: use one of {', '.join(DesiredState)}")
-
-    @field_validator("selection", mode="before")
-    @classmethod
-    def _selection(cls, value: Any) -> Any:
-        if isinstance(value, str) and value in SelectionMode.__members__.values():
-            return SelectionMode(value)
-        if isinstance(value, SelectionMode):
-            return value
-        raise ValueError(f"unknown selection {value!r}: use one of {', '.join(SelectionMode)}")
+        if isinstance(value, str) and value in choices.__members__.values():
+            return choices(value)
+        raise ValueError(f"unknown {info.field_name} {value!r}: use one of {', '.join(choices)}")
 
     @property
     def is_digest(self) -> bool:

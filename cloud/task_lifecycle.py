@@ -177,7 +177,7 @@ class TaskLifecycle:
                 self._bundle_requirements(bundle_digest(changes["bundle"]))
             for key, value in changes.items():
                 if key not in _POLICY_KEYS:
-                    setattr(task, key, str(value) if key == "selection" else value)
+                    setattr(task, key, value)
             task.revision += 1
             task.updated = time.time()
             task.save()
