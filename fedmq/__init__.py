@@ -17,6 +17,8 @@ def __getattr__(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("fedmq")
+        found = version("fedmq")
     except PackageNotFoundError:  # running from a source tree that was never installed
-        return "0.0.0+unknown"
+        found = "0.0.0+unknown"
+    globals()["__version__"] = found  # read once: later lookups find the attribute itself
+    return found
