@@ -10,7 +10,10 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from msgspec import Meta, field
+
+from fedmq.broker.wire import ValidationError, Wire, field_of, problem, read
 
 ENVELOPE_VERSION = 1
 MAX_ID_LENGTH = 128
@@ -56,27 +59,21 @@ class EnvelopeError(ValueError):
 _REQUEST_FIELDS = ("v", "id", "method", "args", "reply_to", "deadline")
 
 
-class Request(BaseModel):
+class Request(Wire, forbid_unknown_fields=True, kw_only=True):
     """A request envelope: ``{v, id, method?, args, reply_to, deadline?}``."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    id: Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+    id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)]
     method: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     reply_to: str
     deadline: float | None = None
     v: Literal[1] = 1
 
-    @field_validator("deadline", mode="before")
-    @classmethod
-    def _deadline(cls, value: Any) -> Any:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError("'deadline' must be a number (unix seconds)")
-        return float(value) if value is not None else None
-
     def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        wire = super().to_wire()
+        if self.deadline is None:
+            del wire["deadline"]
+        return wire
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.time()) > self.deadline
@@ -111,25 +108,24 @@ class Request(BaseModel):
         if body.get("args") is None:
             body["args"] = {}
         try:
-            return cls.model_validate(body)
+            return msgspec.convert(body, cls)
         except ValidationError as exc:
-            raise EnvelopeError(_envelope_problem(exc), request_id, reply_to) from None
+            raise EnvelopeError(_envelope_problem(exc, body), request_id, reply_to) from None
 
 
-def _envelope_problem(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False)[0]
-    field = str(error["loc"][0]) if error["loc"] else "request"
-    if field == "args":
+def _envelope_problem(exc: ValidationError, body: dict[str, Any]) -> str:
+    name = field_of(exc) or "request"
+    if name == "args":
         return "'args' must be an object of named arguments"
-    if field == "v":
-        return f"unsupported envelope version {error.get('input')!r}"
-    return error["msg"].removeprefix("Value error, ") if field == "deadline" else f"'{field}': {error['msg']}"
+    if name == "v":
+        return f"unsupported envelope version {body.get('v')!r}"
+    if name == "deadline":
+        return "'deadline' must be a number (unix seconds)"
+    return f"'{name}': {problem(exc).removeprefix(name + ' ')}"
 
 
-class Reply(BaseModel):
+class Reply(Wire, kw_only=True):
     """A reply envelope: ``{v, id, ok: true, result}`` or ``{v, id, ok: false, error}``."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
 
     id: str | None
     ok: bool
@@ -155,9 +151,9 @@ class Reply(BaseModel):
         if not isinstance(obj, dict):
             raise EnvelopeError("reply must be an object with a boolean 'ok'")
         try:
-            reply = cls.model_validate({"id": obj.get("id"), **{k: v for k, v in obj.items() if k != "id"}})
-        except ValidationError as exc:
-            raise EnvelopeError(f"malformed reply: {exc.errors(include_url=False)[0]['msg']}") from None
+            reply = read(cls, {"id": obj.get("id"), **{k: v for k, v in obj.items() if k != "id"}})
+        except ValueError as exc:
+            raise EnvelopeError(f"malformed reply: {str(exc).removeprefix('invalid Reply: ')}") from None
         if not reply.ok and (reply.error is None or not isinstance(reply.error.get("code"), str)):
             raise EnvelopeError("failed reply needs an 'error' object with a 'code'")
         return reply

@@ -8,10 +8,12 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from msgspec import Meta, field
 
 from fedmq.broker import codec
 from fedmq.broker.topics import TopicError, Topics, check_id
+from fedmq.broker.wire import Wire
 
 MAX_KIND_LENGTH = 64
 
@@ -92,55 +94,18 @@ def _number_or_now(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
 
 
-class EventRecord(BaseModel):
+class EventRecord(Wire, kw_only=True):
     """``{ts, component, kind, task, device, run, data}``.  Parsing another party's event is
     lenient where being strict would lose a step for nothing (an odd timestamp becomes now, an
     odd run or data is dropped) and strict where it matters (kind, device id)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    ts: float = Field(default_factory=time.time)
+    ts: float = field(default_factory=time.time)
     component: str = ""
-    kind: Annotated[str, Field(min_length=1, max_length=MAX_KIND_LENGTH)]
+    kind: Annotated[str, Meta(min_length=1, max_length=MAX_KIND_LENGTH)]
     task: str | None = None
     device: str | None = None
     run: int | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _ts(cls, value: Any) -> float:
-        return _number_or_now(value)
-
-    @field_validator("component", mode="before")
-    @classmethod
-    def _component(cls, value: Any) -> str:
-        return value if isinstance(value, str) else ""
-
-    @field_validator("kind", mode="before")
-    @classmethod
-    def _kind(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            raise ValueError("kind must be a string")
-        return value
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, value: Any) -> Any:
-        return None if value is None else check_id(value, "device")
-
-    @field_validator("run", mode="before")
-    @classmethod
-    def _run(cls, value: Any) -> int | None:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _data(cls, value: Any) -> dict[str, Any]:
-        return codec.finite(value) if isinstance(value, dict) else {}  # a NaN loss is kept as null
-
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_wire(cls, body: Any, task: str) -> EventRecord | None:
@@ -148,9 +113,19 @@ class EventRecord(BaseModel):
         task), or None if it is not one."""
         if not isinstance(body, dict):
             return None
+        run, data, component = body.get("run"), body.get("data"), body.get("component")
         try:
-            return cls.model_validate({**body, "task": task})
-        except (ValidationError, TopicError):
+            device = body.get("device")
+            return msgspec.convert({
+                "ts": _number_or_now(body.get("ts")),
+                "component": component if isinstance(component, str) else "",
+                "kind": body.get("kind"),
+                "task": task,
+                "device": None if device is None else check_id(device, "device"),
+                "run": run if isinstance(run, int) and not isinstance(run, bool) else None,
+                "data": codec.finite(data) if isinstance(data, dict) else {},  # a NaN loss is kept as null
+            }, cls)
+        except (msgspec.ValidationError, TopicError):
             return None
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from msgspec import Meta, field
 
 from fedmq.broker import codec
+from fedmq.broker.wire import Wire
 
 
 class PresenceState(StrEnum):
@@ -26,40 +28,30 @@ class PresenceState(StrEnum):
 ONLINE, OFFLINE = PresenceState.ONLINE, PresenceState.OFFLINE
 
 
-class Presence(BaseModel):
+class Presence(Wire, kw_only=True):
     """``{"state": "online"|"offline", "session": N, "ts": unix seconds}``"""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-
     state: PresenceState
-    session: Annotated[int, Field(ge=0)]
-    ts: float = Field(default_factory=time.time)
-
-    @field_validator("state", mode="before")
-    @classmethod
-    def _state(cls, value: Any) -> Any:
-        return PresenceState(value) if value in ("online", "offline") else value
-
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _ts(cls, value: Any) -> float:
-        # A missing or odd timestamp is not worth refusing presence for: it becomes now.
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
+    session: Annotated[int, Meta(ge=0)]
+    ts: float = field(default_factory=time.time)
 
     def encode(self) -> bytes:
-        return codec.encode(self.model_dump(mode="json"), codec.Codec.JSON)
+        return codec.encode(self.to_wire(), codec.Codec.JSON)
 
     @classmethod
-    def decode(cls, payload: bytes) -> Presence:
+    def decode(cls, payload: bytes) -> Self:
         body, _ = codec.decode(payload)
         if not isinstance(body, dict):
             raise ValueError("presence must be an object")
+        ts = body.get("ts")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            # A missing or odd timestamp is not worth refusing presence for: it becomes now.
+            body = {**body, "ts": time.time()}
         try:
-            return cls.model_validate(body)
-        except ValidationError as exc:
-            fields = sorted({str(e["loc"][0]) for e in exc.errors(include_url=False) if e["loc"]})
+            return msgspec.convert(body, cls)
+        except msgspec.ValidationError as exc:
             raise ValueError(f"presence needs state 'online' or 'offline' and a non-negative integer "
-                             f"session (bad: {', '.join(fields)})") from None
+                             f"session ({exc})") from None
 
 
 def newer(incoming: Presence, known_session: int, known_online: bool) -> tuple[bool, bool]:

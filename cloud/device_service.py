@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from fedmq.broker.arguments import DeviceInfo
 from fedmq.broker.errors import Forbidden
 from fedmq.broker.roles import DEVICES, READERS, Role
 from fedmq.broker.rpc_server import CallContext, rpc
-from fedmq.broker.schema import DeviceInfo
 from fedmq.cloud.devices import DeviceRegistry, device_row
 from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page_query
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from peewee import Database, ModelSelect
 
+from fedmq.broker.arguments import DeviceInfo
 from fedmq.broker.criteria import device_facts
 from fedmq.broker.errors import Invalid
 from fedmq.broker.events import EventKind
 from fedmq.broker.presence import ONLINE, Presence, newer
-from fedmq.broker.schema import DeviceInfo
 from fedmq.cloud.db import Device
 from fedmq.cloud.errors import DeviceNotFound
 from fedmq.cloud.events import EventLog

@@ -35,9 +35,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedmq.broker import codec
+from fedmq.broker.arguments import Requirements
 from fedmq.broker.criteria import parse_criteria
 from fedmq.broker.errors import Invalid
-from fedmq.broker.schema import Requirements, SelectionMode
+from fedmq.broker.schema import SelectionMode
 from fedmq.broker.topics import check_id
 from fedmq.cloud.task_fields import MAX_ARGS_BYTES, CriteriaText, Name, Priority, Tags
 

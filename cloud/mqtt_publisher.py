@@ -35,7 +35,7 @@ class MqttPublisher:
         self.connection, self.topics, self.store, self.chunk_size = connection, topics, store, chunk_size
 
     def announce(self, task_id: str, announcement: TaskAnnouncement | None) -> None:
-        payload = b"" if announcement is None else codec.encode(announcement.model_dump(mode="json"), codec.Codec.JSON)
+        payload = b"" if announcement is None else codec.encode(announcement.to_wire(), codec.Codec.JSON)
         self.connection.publish(self.topics.task(task_id), payload, qos=1, retain=True)
 
     def presence(self, device: str, presence: Presence) -> None:
@@ -45,7 +45,7 @@ class MqttPublisher:
 
     def command(self, device: str, command: DeviceCommand) -> None:
         self.connection.publish(self.topics.device_cmd(device),
-                                codec.encode(command.model_dump(mode="json"), codec.Codec.JSON), qos=1)
+                                codec.encode(command.to_wire(), codec.Codec.JSON), qos=1)
 
     def event(self, record: EventRecord) -> None:
         publish_event(self.connection, self.topics, record, qos=0, component_topic=True)

@@ -185,9 +185,8 @@ class Selection:
 
         def write() -> Callable[[], None]:
             self._upsert(task_ids, device_id, DeviceTaskState.OFFERED)
-            # Built here from checked values: not validated again (15 per first request).
             now = time.time()
-            records = self.events.record_many([EventRecord.model_construct(
+            records = self.events.record_many([EventRecord(
                 ts=now, component=self.events.component, kind=kind, task=offer.id, device=device_id, run=offer.run,
                 data={}) for offer in offers])
 

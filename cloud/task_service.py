@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from fedmq.broker import codec
+from fedmq.broker.arguments import Requirements
 from fedmq.broker.roles import DEVICES, OPERATOR, READERS, STEERING
 from fedmq.broker.rpc_server import CallContext, rpc
-from fedmq.broker.schema import Requirements, TaskState
+from fedmq.broker.schema import TaskState
 from fedmq.cloud.errors import InvalidTask
 from fedmq.cloud.pages import DEFAULT_LIMIT, MAX_LIMIT, Page, page
 from fedmq.cloud.run_history import RunHistory
@@ -106,13 +107,13 @@ class TaskService:
     @rpc(roles=DEVICES)
     def request(self, ctx: CallContext) -> list[dict[str, Any]]:
         """A device asks which tasks it may run: eligible running tasks, by priority then age."""
-        return [offer.model_dump(mode="json") for offer in self.selection.request(ctx.caller)]
+        return [offer.to_wire() for offer in self.selection.request(ctx.caller)]
 
     @rpc(roles=DEVICES)
     def join(self, ctx: CallContext, task: str) -> dict[str, Any]:
         """A device that found itself eligible for a running task that selects on the device
         (its criteria evaluated on the retained announcement) takes it up: its offer."""
-        return self.selection.join(ctx.caller, task).model_dump(mode="json")
+        return self.selection.join(ctx.caller, task).to_wire()
 
     @rpc(roles=DEVICES)
     def participate(self, ctx: CallContext, task: str) -> dict[str, Any]:

@@ -5,33 +5,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from msgspec import field
 
-from fedmq.broker.schema import Offer, TaskAnnouncement
+from fedmq.broker.schema import Offer, SelectionMode, TaskAnnouncement, TaskState
 from fedmq.cloud.db import Task
 from fedmq.cloud.errors import TaskNotFound
 
 
-class TaskView(TaskAnnouncement):
+class TaskView(TaskAnnouncement, kw_only=True):
     """What an operator sees: the announcement plus the task's arguments, times and metrics."""
 
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     created: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None  # the cloud replica whose host runs the Flower server, while it runs
     register_if: str | None = None  # a finished run whose final metrics satisfy it is registered...
     model_name: str | None = None   # ...as the next version of this model (None: the task's name)
 
     def announcement(self) -> TaskAnnouncement:
-        return TaskAnnouncement.model_validate(self.model_dump(include=set(TaskAnnouncement.model_fields)))
+        return TaskAnnouncement(**{name: getattr(self, name) for name in TaskAnnouncement.__struct_fields__})
 
     def offer(self) -> Offer:
-        return Offer.model_validate(self.model_dump(include=set(Offer.model_fields)))
-
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return Offer(**{name: getattr(self, name) for name in Offer.__struct_fields__})
 
 
 def load_task(task_id: str) -> Task:
@@ -49,9 +46,9 @@ def flower_address(task: Task) -> str | None:
 
 def task_view(task: Task) -> TaskView:
     policy = task.lifecycle or {}
-    return TaskView(id=task.id, name=task.name, state=task.state, revision=task.revision, bundle=task.bundle,
-                    flower=flower_address(task), criteria=task.criteria, requirements=task.requirements or {},
-                    selection=task.selection or "cloud",
+    return TaskView(id=task.id, name=task.name, state=TaskState(task.state), revision=task.revision,
+                    bundle=task.bundle, flower=flower_address(task), criteria=task.criteria,
+                    requirements=task.requirements or {}, selection=SelectionMode(task.selection or "cloud"),
                     priority=task.priority, tags=task.tags or [], round=task.current_round,
                     total_rounds=task.total_rounds, run=task.run, updated=task.updated, last_error=task.last_error,
                     args=task.args or {}, created=task.created, started_at=task.started_at,

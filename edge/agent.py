@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
-from pydantic import ValidationError
 
 from fedmq.broker import codec
 from fedmq.broker.connection import MqttConnection, Will
@@ -33,6 +32,7 @@ from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DeviceCommand, Offer, SelectionMode, TaskAnnouncement, TaskState
 from fedmq.broker.topics import TopicError, Topics, check_id
 from fedmq.broker.urls import with_credentials
+from fedmq.broker.wire import RecordError, read
 from fedmq.edge.config import EdgeConfig
 from fedmq.edge.info import gather
 from fedmq.edge.models import DeployerSettings, ModelDeployer
@@ -207,8 +207,8 @@ class EdgeAgent:
             return
         self._failures = 0
         try:
-            offers = [Offer.model_validate(o) for o in answer]
-        except ValidationError as exc:
+            offers = [read(Offer, o) for o in answer]
+        except RecordError as exc:
             log.error("%s: tasks.request answered offers this agent cannot read: %s", self.device, exc)
             return
         with self._lock:
@@ -258,15 +258,14 @@ class EdgeAgent:
         """Take up a device-selected task: the cloud records it and answers the full offer (its
         arguments are not in the announcement)."""
         try:
-            return Offer.model_validate(self.rpc.call("tasks", "join", {"task": offer.id},
-                                                      timeout=self.config.rpc_timeout_s))
+            return read(Offer, self.rpc.call("tasks", "join", {"task": offer.id}, timeout=self.config.rpc_timeout_s))
         except RpcError as exc:
             log.warning("%s: could not join task %s: %s", self.device, offer.id, exc)
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.INTERNAL):  # the cloud is away: again soon
                 self._retry_at = time.time() + retry_delay(1, self._random)
             else:  # refused (ended meanwhile, or finished here before a restart): not this run again
                 self._done_here(offer.id, offer.run)
-        except ValidationError as exc:
+        except RecordError as exc:
             log.error("%s: tasks.join answered an offer this agent cannot read: %s", self.device, exc)
         return None
 
@@ -406,8 +405,8 @@ class EdgeAgent:
         try:
             check_id(task, "task")
             body, _ = codec.decode(message.payload)
-            announced = TaskAnnouncement.model_validate(body)
-        except (TopicError, codec.CodecError, ValidationError) as exc:
+            announced = read(TaskAnnouncement, body)
+        except (TopicError, codec.CodecError, RecordError) as exc:
             log.debug("%s: ignored an announcement on %s: %s", self.device, message.topic, exc)
             return
         self.announcements[task] = announced
@@ -422,8 +421,8 @@ class EdgeAgent:
     def _on_command(self, message: mqtt.MQTTMessage) -> None:
         try:
             body, _ = codec.decode(message.payload)
-            command = DeviceCommand.model_validate(body)
-        except (codec.CodecError, ValidationError) as exc:
+            command = read(DeviceCommand, body)
+        except (codec.CodecError, RecordError) as exc:
             log.warning("%s: ignored a command on %s: %s", self.device, message.topic, exc)
             return
         if command.cmd == "stop":

@@ -28,7 +28,6 @@ crypto machinery (chunk fetch, signatures, the process runner) is imported on fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,14 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from msgspec import field
 
 from fedmq.broker.envelope import ErrorCode, RpcError
 from fedmq.broker.events import EventKind
 from fedmq.broker.rpc_client import RpcClient
-from fedmq.broker.schema import DesiredModel, DesiredModels, ModelManifest, RecordError
+from fedmq.broker.schema import DesiredModel, DesiredModels, ModelManifest
 from fedmq.broker.topics import Topics
+from fedmq.broker.wire import RecordError, Wire
 from fedmq.edge.state import write_json
 
 if TYPE_CHECKING:
@@ -71,11 +72,11 @@ TRANSIENT_ATTEMPTS = 3                 # a download that stalls is tried this of
 _RETRIED = (ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.UNKNOWN_METHOD)
 
 
-class _File(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _File(Wire, kw_only=True):
+    """A file this agent writes and reads back (fields it does not know are ignored)."""
 
 
-class InstalledModel(_File):
+class InstalledModel(_File, kw_only=True):
     """A model this device runs: the version whose deploy entry point last succeeded."""
 
     version: int
@@ -83,42 +84,44 @@ class InstalledModel(_File):
     size: int
     bundle: str
     deployment: str
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    installed: float = Field(default_factory=time.time)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    installed: float = field(default_factory=time.time)
 
 
-class FailedInstall(_File):
+class FailedInstall(_File, kw_only=True):
     """A desired version that failed here: not tried again until the record asks for another."""
 
     version: int
     sha256: str
     deployment: str
     error: str
-    at: float = Field(default_factory=time.time)
+    at: float = field(default_factory=time.time)
 
 
-class InstalledFile(_File):
-    models: dict[str, InstalledModel] = Field(default_factory=dict)
-    failed: dict[str, FailedInstall] = Field(default_factory=dict)
+class InstalledFile(_File, kw_only=True):
+    models: dict[str, InstalledModel] = field(default_factory=dict)
+    failed: dict[str, FailedInstall] = field(default_factory=dict)
 
 
-class Report(_File):
+class Report(_File, kw_only=True):
     """One ``deployments.report`` call waiting for an answer; ``id`` is its request id."""
 
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
     deployment: str
     name: str
     version: int
     ok: bool
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def args(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"id"})
+        args = self.to_wire()
+        del args["id"]
+        return args
 
 
-class ReportsFile(_File):
-    pending: list[Report] = Field(default_factory=list)
+class ReportsFile(_File, kw_only=True):
+    pending: list[Report] = field(default_factory=list)
 
 
 class InstallError(Exception):
@@ -131,10 +134,10 @@ class InstallError(Exception):
 
 def _load(path: Path, model: type[_File]) -> Any:
     try:
-        return model.model_validate(json.loads(path.read_text()))
+        return msgspec.convert(json.loads(path.read_text()), model)
     except FileNotFoundError:
         return model()
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, msgspec.ValidationError) as exc:
         # A damaged file must not keep the device from serving: start clean (the cloud's
         # retained record says again what to run), but keep the damaged file for a person.
         log.error("%s is damaged (%s); starting without it", path, exc)
@@ -143,6 +146,8 @@ def _load(path: Path, model: type[_File]) -> Any:
 
 
 def _sha256(path: Path) -> str | None:
+    import hashlib  # here, not at the top: an idle agent does without OpenSSL's digests (edge.lean_paho)
+
     try:
         with path.open("rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -391,6 +396,8 @@ class ModelDeployer:
                                transient=True) from None
         except ChunkError as exc:
             raise InstallError(exc.code, f"model file refused ({exc.code}): {exc.message}") from None
+        import hashlib
+
         if hashlib.sha256(data).hexdigest() != want.sha256:
             raise InstallError("digest_mismatch", "the assembled model file does not match its digest")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -463,13 +470,13 @@ class ModelDeployer:
             log.warning("%s: no event for model %s: %s", self.settings.device, name, exc)
 
     def _save_state(self) -> None:
-        write_json(self.root / INSTALLED_FILE, self.state.model_dump(mode="json"))
+        write_json(self.root / INSTALLED_FILE, self.state.to_wire())
 
     def _queue_report(self, report: Report) -> None:
         if not report.deployment:  # desired by no deployment (the cloud has none to tell)
             return
         self.reports.pending.append(report)
-        write_json(self.root / REPORTS_FILE, self.reports.model_dump(mode="json"))
+        write_json(self.root / REPORTS_FILE, self.reports.to_wire())
 
     def _send_reports(self) -> None:
         while self.reports.pending and not self._stop.is_set():
@@ -488,7 +495,7 @@ class ModelDeployer:
                             self.settings.device, exc, report.name, report.version)
             self._report_failures = 0
             self.reports.pending.pop(0)
-            write_json(self.root / REPORTS_FILE, self.reports.model_dump(mode="json"))
+            write_json(self.root / REPORTS_FILE, self.reports.to_wire())
 
 
 def _short(value: Any) -> str:

@@ -27,8 +27,8 @@ from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from fedmq.broker.arguments import problems
 from fedmq.broker.errors import Conflict, FedmqError, Forbidden, Invalid, NotFound
-from fedmq.broker.schema import problems
 from fedmq.ftdl.manifest import MANIFEST_NAME, ManifestError, TaskManifest, load_manifest
 from fedmq.ftdl.signing import SigningError, SigningKey, TrustStore
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmq.broker import codec
-from fedmq.broker.schema import problems
+from fedmq.broker.arguments import problems
 
 log = logging.getLogger("fedmq.ftdl.channel")
 

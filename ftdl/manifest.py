@@ -38,7 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedmq.broker.schema import Requirements, problem
+from fedmq.broker.arguments import Requirements, problem
 
 MANIFEST_NAME = "fedmq.toml"
 ROLES = ("server", "client", "deploy")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedmq.broker.schema import DeviceInfo, DeviceTaskState
+from fedmq.broker.arguments import DeviceInfo
+from fedmq.broker.schema import DeviceTaskState
 from fedmq.cloud.db import Task, TaskDevice, open_database
 from fedmq.cloud.devices import DeviceRegistry
 from fedmq.cloud.events import EventLog

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -78,7 +79,7 @@ def test_chunks_that_match_a_lying_manifest_still_fail_the_whole_digest(pair: An
     publish_chunks(sender.connection, lambda i: TOPICS.fl_blob(TASK, "dev-1", fake, i), chunks)
     manifest = BlobManifest(digest=fake, size=len(data), chunk_size=sender.chunk_size,
                             chunks=[hashlib.sha256(c).hexdigest() for c in chunks], arrays=specs(weights(1)))
-    sender.connection.publish(TOPICS.fl_blob(TASK, "dev-1", fake), manifest.to_wire(), retain=True).wait_for_publish(5)
+    sender.connection.publish(TOPICS.fl_blob(TASK, "dev-1", fake), manifest.encode(), retain=True).wait_for_publish(5)
     with pytest.raises(ChunkError) as err:
         receiver.fetch("dev-1", fake)
     assert err.value.code == "digest_mismatch"
@@ -179,7 +180,7 @@ def test_a_record_naming_another_device_than_its_level_is_ignored(embedded_broke
         forged = UpdateRecord(run="1", round=1, base="0" * 64, device="dev-1", session=1, blob="1" * 64,
                               num_examples=10**9)
         forger.publish(TOPICS.fl(TASK, "dev-2", "update"), forged.encode(), retain=True).wait_for_publish(5)
-        honest = forged.model_copy(update={"device": "dev-2", "num_examples": 5})
+        honest = msgspec.structs.replace(forged, device="dev-2", num_examples=5)
         time.sleep(0.3)
         assert view.updates == {}
         forger.publish(TOPICS.fl(TASK, "dev-2", "update"), honest.encode(), retain=True).wait_for_publish(5)
@@ -218,7 +219,7 @@ def test_the_mosquitto_acl_refuses_an_update_on_another_devices_level(tmp_path: 
         two.publish(TOPICS.fl(TASK, "dev-1", "update"), as_one.encode(), retain=True).wait_for_publish(5)
         two.publish(TOPICS.fl_blob(TASK, "dev-1", "2" * 64, 0), b"evil", retain=True).wait_for_publish(5)
         # ... and on its own level, which goes through
-        own = as_one.model_copy(update={"device": "dev-2"})
+        own = msgspec.structs.replace(as_one, device="dev-2")
         two.publish(TOPICS.fl(TASK, "dev-2", "update"), own.encode(), retain=True).wait_for_publish(5)
         deadline = time.monotonic() + 5
         while "dev-2" not in view.updates and time.monotonic() < deadline:

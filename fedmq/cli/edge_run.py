@@ -114,6 +114,9 @@ def serve(*, broker: str | None, broker_on_command_line: bool, prefix: str | Non
           labels: dict[str, str] | None = None, say: Callable[[str], None] = print) -> None:
     """Build the agent from the configuration and run it until SIGTERM or Ctrl-C.  Raises
     ``BadInput`` when the configuration cannot be used."""
+    from fedmq.edge.lean_paho import import_paho_lean
+
+    import_paho_lean()  # before anything imports paho: see there why
     from fedmq.broker.urls import with_absolute_files
     from fedmq.edge.agent import EdgeAgent
     from fedmq.edge.config import load_edge_config

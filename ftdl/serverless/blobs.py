@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from msgspec import Meta
 
 from fedmq.broker import codec
 from fedmq.broker.topics import Topics
+from fedmq.broker.wire import FrozenWire
 from fedmq.ftdl.chunks import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
@@ -33,20 +35,17 @@ from fedmq.ftdl.chunks import (
     split,
     wait_retained,
 )
-from fedmq.ftdl.serverless.records import Record, RecordError
+from fedmq.ftdl.serverless.records import Hex64, Record, RecordError
 
 MAX_BLOB_BYTES = 1024 * 1024 * 1024
 MAX_ARRAYS = 10_000
 MAX_DIMS = 32
 _KINDS = "fiub"  # float, signed and unsigned integers, bool: nothing that needs pickle
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class ArraySpec(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    dtype: Annotated[str, Field(min_length=2, max_length=8)]   # numpy's dtype.str, e.g. "<f4"
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DIMS)]
+class ArraySpec(FrozenWire, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    dtype: Annotated[str, Meta(min_length=2, max_length=8)]   # numpy's dtype.str, e.g. "<f4"
+    shape: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=MAX_DIMS)]
 
     @classmethod
     def of(cls, array: np.ndarray) -> ArraySpec:
@@ -91,8 +90,8 @@ def decode_arrays(data: bytes, expect: Sequence[ArraySpec] | None = None) -> lis
     arrays = []
     for index, item in enumerate(items):
         try:
-            spec = ArraySpec.model_validate({"dtype": item.get("dtype"), "shape": item.get("shape")})
-        except (AttributeError, ValidationError):
+            spec = msgspec.convert({"dtype": item.get("dtype"), "shape": item.get("shape")}, ArraySpec)
+        except (AttributeError, msgspec.ValidationError):
             raise ChunkError("bad_shape", f"array {index} has no valid dtype and shape") from None
         raw = item.get("data")
         if not isinstance(raw, bytes) or len(raw) != spec.nbytes():
@@ -111,7 +110,7 @@ def check_specs(got: Sequence[ArraySpec], expect: Sequence[ArraySpec]) -> None:
             raise ChunkError("bad_shape", f"array {index} is {a.dtype}{a.shape}, expected {b.dtype}{b.shape}")
 
 
-class BlobManifest(Record):
+class BlobManifest(Record, frozen=True, kw_only=True):
     """Published retained on ``…/blobs/<digest>/manifest``."""
 
     format: Literal[1] = 1
@@ -119,10 +118,9 @@ class BlobManifest(Record):
     size: int
     chunk_size: int
     chunks: list[Hex64]
-    arrays: Annotated[list[ArraySpec], Field(max_length=MAX_ARRAYS)]
+    arrays: Annotated[list[ArraySpec], Meta(max_length=MAX_ARRAYS)]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> BlobManifest:
+    def __post_init__(self) -> None:
         if not 0 < self.size <= MAX_BLOB_BYTES:
             raise ValueError(f"size must be 1..{MAX_BLOB_BYTES} bytes")
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
@@ -131,17 +129,13 @@ class BlobManifest(Record):
             raise ValueError("chunks must list one SHA-256 per chunk")
         if sum(spec.nbytes() for spec in self.arrays) > self.size:
             raise ValueError("the arrays need more bytes than the blob has")
-        return self
 
     @classmethod
     def from_wire(cls, payload: bytes) -> BlobManifest:
         try:
-            return cast(BlobManifest, cls.decode(payload))
+            return cls.decode(payload)
         except RecordError as exc:
             raise ChunkError("bad_manifest", str(exc)) from None
-
-    def to_wire(self) -> bytes:
-        return self.encode()
 
 
 class Blobs:
@@ -161,7 +155,7 @@ class Blobs:
                                 chunks=[hashlib.sha256(c).hexdigest() for c in chunks], arrays=specs(arrays))
         publish_chunks(self.connection, lambda i: self.topics.fl_blob(self.task, device, digest, i), chunks,
                        timeout=timeout)
-        info = self.connection.publish(self.topics.fl_blob(self.task, device, digest), manifest.to_wire(),
+        info = self.connection.publish(self.topics.fl_blob(self.task, device, digest), manifest.encode(),
                                        qos=1, retain=True)
         info.wait_for_publish(timeout)
         return manifest

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedmq.broker.schema import problems
+from fedmq.broker.arguments import problems
 from fedmq.ftdl.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.ftdl.manifest import FLOWER_MODE as FLOWER
 from fedmq.ftdl.manifest import SERVERLESS_MODE as SERVERLESS

@@ -17,20 +17,21 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import Field
+from msgspec import Meta, field
 
 from fedmq.broker.presence import Presence
-
-# One record layer for every wire record (the deployments' are there too); RecordError is re-exported.
-from fedmq.broker.schema import RecordError  # noqa: F401
 from fedmq.broker.schema import WireRecord as Record
 
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+# One record layer for every wire record (the deployments' are there too); RecordError is re-exported.
+from fedmq.broker.wire import RecordError  # noqa: F401
+
+# \Z, not $: Python's $ also matches before a trailing newline.
+Hex64 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")]
 Metrics = dict[str, Any]
 
 
-class ParticipantState(Presence):
+class ParticipantState(Presence, kw_only=True):
     """``{state, session, ts, run, eligible, reason}``: presence plus electability."""
 
     run: str = ""
@@ -38,59 +39,59 @@ class ParticipantState(Presence):
     reason: str = ""
 
 
-class Evaluation(Record):
-    round: Annotated[int, Field(ge=0)]
+class Evaluation(Record, frozen=True, kw_only=True):
+    round: Annotated[int, Meta(ge=0)]
     loss: float | None = None
-    num_examples: Annotated[int, Field(ge=0)] = 0
-    metrics: Metrics = Field(default_factory=dict)
+    num_examples: Annotated[int, Meta(ge=0)] = 0
+    metrics: Metrics = field(default_factory=dict)
 
 
-class UpdateRecord(Record):
+class UpdateRecord(Record, frozen=True, kw_only=True):
     run: str
-    round: Annotated[int, Field(ge=1)]
+    round: Annotated[int, Meta(ge=1)]
     base: Hex64                           # the global model trained from
     device: DeviceId
-    session: Annotated[int, Field(ge=0)]
+    session: Annotated[int, Meta(ge=0)]
     blob: Hex64 | None = None             # None: nothing trained (not sampled, or past the last round)
-    num_examples: Annotated[int, Field(ge=0)] = 0
-    metrics: Metrics = Field(default_factory=dict)
+    num_examples: Annotated[int, Meta(ge=0)] = 0
+    metrics: Metrics = field(default_factory=dict)
     evaluation: Evaluation | None = None  # of ``base``
-    ts: float = Field(default_factory=time.time)
+    ts: float = field(default_factory=time.time)
 
 
-class Contribution(Record):
+class Contribution(Record, frozen=True, kw_only=True):
     device: DeviceId
     blob: Hex64
-    num_examples: Annotated[int, Field(ge=0)]
+    num_examples: Annotated[int, Meta(ge=0)]
 
 
-class Member(Record):
+class Member(Record, frozen=True, kw_only=True):
     device: DeviceId
-    session: Annotated[int, Field(ge=0)]
+    session: Annotated[int, Meta(ge=0)]
 
 
-class Point(Record):
-    round: Annotated[int, Field(ge=0)]
+class Point(Record, frozen=True, kw_only=True):
+    round: Annotated[int, Meta(ge=0)]
     value: float
 
 
-class GlobalRecord(Record):
+class GlobalRecord(Record, frozen=True, kw_only=True):
     run: str
-    round: Annotated[int, Field(ge=0)]
+    round: Annotated[int, Meta(ge=0)]
     digest: Hex64                         # the global model's blob
     owner: DeviceId                       # whose level holds the blob
     base: Hex64 | None = None             # the previous global (None for round 0)
     aggregator: DeviceId
-    session: Annotated[int, Field(ge=0)]
+    session: Annotated[int, Meta(ge=0)]
     roster: list[Member]                  # who it saw: the next round's electorate
-    contributors: list[Contribution] = Field(default_factory=list)
-    rejected: list[dict[str, str]] = Field(default_factory=list)
-    metrics: Metrics = Field(default_factory=dict)                # fit metrics of this round
+    contributors: list[Contribution] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=dict)                # fit metrics of this round
     evaluation: Evaluation | None = None  # of ``base``, averaged over the participants' reports
-    history: list[Point] = Field(default_factory=list)   # the target metric per round
+    history: list[Point] = field(default_factory=list)   # the target metric per round
     final: bool = False
     reason: str = ""
-    ts: float = Field(default_factory=time.time)
+    ts: float = field(default_factory=time.time)
 
     @property
     def completed(self) -> int:

@@ -383,7 +383,7 @@ class ServerlessRunner:
         self.result.aggregated.append(r)
         self.emit(FlEvent.GLOBAL_PUBLISHED, round=r, digest=record.digest, final=record.final, reason=reason,
                   contributors=[c.device for c in record.contributors], metrics=record.metrics,
-                  evaluation=evaluation.model_dump() if evaluation else None)
+                  evaluation=evaluation.to_wire() if evaluation else None)
 
     def _aggregate(self, updates: list[UpdateRecord], prev: GlobalRecord,
                    common: dict[str, Any]) -> GlobalRecord | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from fedmq.broker.presence import ONLINE, newer
 from fedmq.broker.topics import TopicError, Topics
@@ -59,7 +59,7 @@ class View:
     def _apply(self, device: str, leaf: str, payload: bytes) -> None:
         with self.changed:
             if leaf == "state":
-                state = cast(ParticipantState, ParticipantState.decode(payload))
+                state = ParticipantState.decode(payload)
                 if state.run != self.run:
                     return
                 known = self.states.get(device)
