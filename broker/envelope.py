@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, field
 
-from fedmq.broker.wire import ValidationError, Wire, field_of, problem, read
+from fedmq.broker.wire import Wire, field_of, problem
 
 ENVELOPE_VERSION = 1
 MAX_ID_LENGTH = 128
@@ -109,11 +109,11 @@ class Request(Wire, forbid_unknown_fields=True, kw_only=True):
             body["args"] = {}
         try:
             return msgspec.convert(body, cls)
-        except ValidationError as exc:
+        except msgspec.ValidationError as exc:
             raise EnvelopeError(_envelope_problem(exc, body), request_id, reply_to) from None
 
 
-def _envelope_problem(exc: ValidationError, body: dict[str, Any]) -> str:
+def _envelope_problem(exc: msgspec.ValidationError, body: dict[str, Any]) -> str:
     name = field_of(exc) or "request"
     if name == "args":
         return "'args' must be an object of named arguments"
@@ -151,9 +151,9 @@ class Reply(Wire, kw_only=True):
         if not isinstance(obj, dict):
             raise EnvelopeError("reply must be an object with a boolean 'ok'")
         try:
-            reply = read(cls, {"id": obj.get("id"), **{k: v for k, v in obj.items() if k != "id"}})
-        except ValueError as exc:
-            raise EnvelopeError(f"malformed reply: {str(exc).removeprefix('invalid Reply: ')}") from None
+            reply = msgspec.convert({"id": obj.get("id"), **{k: v for k, v in obj.items() if k != "id"}}, cls)
+        except msgspec.ValidationError as exc:
+            raise EnvelopeError(f"malformed reply: {problem(exc)}") from None
         if not reply.ok and (reply.error is None or not isinstance(reply.error.get("code"), str)):
             raise EnvelopeError("failed reply needs an 'error' object with a 'code'")
         return reply

@@ -113,9 +113,8 @@ class EventRecord(Wire, kw_only=True):
         task), or None if it is not one."""
         if not isinstance(body, dict):
             return None
-        run, data, component = body.get("run"), body.get("data"), body.get("component")
+        run, data, component, device = body.get("run"), body.get("data"), body.get("component"), body.get("device")
         try:
-            device = body.get("device")
             return msgspec.convert({
                 "ts": _number_or_now(body.get("ts")),
                 "component": component if isinstance(component, str) else "",

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta, field
 
 from fedmq.broker import codec
-from fedmq.broker.wire import Wire
+from fedmq.broker.wire import Wire, problem
 
 
 class PresenceState(StrEnum):
@@ -51,7 +51,7 @@ class Presence(Wire, kw_only=True):
             return msgspec.convert(body, cls)
         except msgspec.ValidationError as exc:
             raise ValueError(f"presence needs state 'online' or 'offline' and a non-negative integer "
-                             f"session ({exc})") from None
+                             f"session ({problem(exc)})") from None
 
 
 def newer(incoming: Presence, known_session: int, known_online: bool) -> tuple[bool, bool]:

@@ -1,5 +1,5 @@
 """The wire formats about tasks and devices, and their vocabularies: what the cloud announces
-and offers, the commands it sends a device, what a device reports about itself.
+and offers, the commands it sends a device, the retained records of the models it should run.
 
 One schema layer (msgspec, ``fedmq.broker.wire``) for both sides: the cloud builds these, the
 edges and dashboards read them, and neither knows the other's code.  Receivers ignore fields they
@@ -52,6 +52,8 @@ class DeviceTaskState(StrEnum):
 
 
 ACTIVE_ON_DEVICE = (DeviceTaskState.OFFERED, DeviceTaskState.RUNNING)  # must hear of a stop
+
+
 class TaskAnnouncement(Wire, kw_only=True):
     """Retained on ``tasks/<id>``, republished on every change."""
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import paho.mqtt.client as mqtt
 from msgspec import field
 
@@ -49,7 +48,7 @@ from fedmq.broker.events import EventKind
 from fedmq.broker.rpc_client import RpcClient
 from fedmq.broker.schema import DesiredModel, DesiredModels, ModelManifest
 from fedmq.broker.topics import Topics
-from fedmq.broker.wire import RecordError, Wire
+from fedmq.broker.wire import RecordError, Wire, read
 from fedmq.edge.state import write_json
 
 if TYPE_CHECKING:
@@ -134,10 +133,10 @@ class InstallError(Exception):
 
 def _load(path: Path, model: type[_File]) -> Any:
     try:
-        return msgspec.convert(json.loads(path.read_text()), model)
+        return read(model, json.loads(path.read_text()))
     except FileNotFoundError:
         return model()
-    except (ValueError, msgspec.ValidationError) as exc:
+    except ValueError as exc:  # not JSON, or a RecordError
         # A damaged file must not keep the device from serving: start clean (the cloud's
         # retained record says again what to run), but keep the damaged file for a person.
         log.error("%s is damaged (%s); starting without it", path, exc)
